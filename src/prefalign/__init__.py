@@ -1,0 +1,3 @@
+"""prefalign: preference feedback to aligned text-to-image diffusion models."""
+
+__version__ = "0.1.0"

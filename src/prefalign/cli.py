@@ -1,0 +1,120 @@
+"""The ``prefalign`` command: stages (what ``dvc repro`` runs), the whole pipeline, registry and data tools."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prefalign.runtime import apply_offline_defaults, configure_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Preference data: import and validate.")
+app.add_typer(data_app, name="data")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params.yaml to use.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="Dotted override, e.g. dpo.beta=5000.")]
+
+
+def _config(params: Path, overrides: list[str] | None):
+    from prefalign.config import ConfigError, load_config, parse_override
+
+    try:
+        return load_config(params, dict(parse_override(o) for o in overrides or []))
+    except ConfigError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def stage(name: str, params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Run one pipeline stage (the same names as dvc.yaml and the flow)."""
+    from prefalign.stages import STAGES, DataValidationError, run_stage
+
+    if name not in STAGES:
+        typer.secho(f"unknown stage {name!r}; stages: {', '.join(STAGES)}", fg="red", err=True)
+        raise typer.Exit(2)
+    cfg = _config(params, overrides)
+    try:
+        summary = run_stage(name, cfg)
+    except DataValidationError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    mode: Annotated[str, typer.Option(help="dvc: each stage through `dvc repro`; direct: in-process.")] = "dvc",
+) -> None:
+    """Run the whole pipeline as a Prefect flow (ephemeral Prefect API unless PREFECT_API_URL is set)."""
+    root = params.resolve().parent
+    if not (root / "flows" / "pipeline.py").is_file():
+        typer.secho(f"{root}: no flows/pipeline.py here; run from the prefalign repo root", fg="red", err=True)
+        raise typer.Exit(2)
+    cmd = [sys.executable, "-m", "flows.pipeline", "--params", str(params.resolve()), "--mode", mode]
+    raise typer.Exit(subprocess.call(cmd, cwd=root))
+
+
+@app.command()
+def promote(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Register the trained DPO and DRO policies and move `champion` to the best qualifying one."""
+    from prefalign import registry
+    from prefalign.tracking import read_run_id
+
+    cfg = _config(params, None)
+    eval_report = json.loads((cfg.paths.resolve("reports") / "eval.json").read_text())
+    candidates = {
+        method: registry.register_policy(
+            cfg, method=method, policy_dir=cfg.paths.resolve(method), base_dir=cfg.paths.resolve("base_model"),
+            run_id=read_run_id(cfg.paths.resolve(method)),
+            metrics={k: v for k, v in eval_report["models"][method].items() if isinstance(v, float)},
+        )
+        for method in ("dpo", "dro")
+    }
+    typer.echo(json.dumps(registry.promote(cfg, candidates, eval_report), indent=2, default=str))
+
+
+@app.command()
+def lineage(ref: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Print the chain from a registered model (e.g. prefalign-policy@champion) back to its data."""
+    from prefalign import registry
+
+    for line in registry.lineage(ref, _config(params, None)):
+        typer.echo(line)
+
+
+@data_app.command("validate")
+def data_validate(
+    input: Annotated[Path, typer.Option("--input", help="Canonical preference folder.")],
+    report: Annotated[Path, typer.Option("--report", help="Where to write the JSON report.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Validate a preference folder: exit 0 valid, 1 invalid (listing what failed), 2 unreadable."""
+    from prefalign.data.validation import DataUnreadableError, validate_preferences
+
+    cfg = _config(params, None)
+    try:
+        result = validate_preferences(input, cfg.validation, report_path=report, docs_dir=report.parent / "data_docs")
+    except DataUnreadableError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
+    for line in result.failures():
+        typer.secho(line, fg="red", err=True)
+    typer.echo(f"{'valid' if result.success else 'INVALID'}: report at {report}")
+    raise typer.Exit(0 if result.success else 1)
+
+
+def main() -> None:
+    apply_offline_defaults()
+    configure_logging()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The one config: ``params.yaml`` validated by pydantic v2.
+
+Every section of ``params.yaml`` is a model here with ``extra="forbid"``, so a typo, a wrong type or
+an out-of-range value fails at load time with the dotted key in the message, before any stage starts.
+``load_config(path, overrides)`` merges dotted overrides (``dpo.beta=5000``) into the YAML *before*
+validation, so overrides are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+DPOVariant = Literal["sigmoid", "hinge", "ipo"]
+RewardLoss = Literal["bt", "pl", "mixed"]
+PolicyMethod = Literal["dpo", "dro"]
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used: names the file and every offending dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Section):
+    """Where every stage reads and writes, relative to the repo root (``root``)."""
+
+    root: str = Field(".", description="Repo root; every other path is relative to it.")
+    world: str = Field("data/world", description="Demo world: prompt table and pretraining renderings.")
+    source: str = Field("data/source", description="Raw feedback for `ingest` when data.source is not demo.")
+    preferences: str = Field("data/preferences", description="Canonical preference tables + image store.")
+    features: str = Field("data/features", description="Cached VAE latents and text embeddings.")
+    base_model: str = Field("models/base", description="Base diffusers pipeline (pretrained on the demo world).")
+    reward: str = Field("models/reward", description="Trained reward model (CLIPModel format).")
+    dpo: str = Field("models/dpo", description="Diffusion-DPO LoRA adapter (diffusers format).")
+    dro: str = Field("models/dro", description="Diffusion-DRO result (full UNet over the base).")
+    reports: str = Field("reports", description="Small JSON metrics and PNG figures.")
+
+    def resolve(self, name: str) -> Path:
+        """Absolute path of the named entry."""
+        value = getattr(self, name)
+        return (Path(self.root) / value).resolve()
+
+
+class World(Section):
+    """The demo world: renderer, captions, annotators. Its noise levels are set for realism."""
+
+    image_size: PositiveInt = Field(16, description="Side of the square renderings in pixels.")
+    n_pretrain_images: PositiveInt = Field(6000, description="Renderings made for base-model pretraining.")
+    caption_error_rate: float = Field(
+        0.3, ge=0.0, le=1.0, description="Share of pretraining captions with one attribute wrong (web-style noise)."
+    )
+    pixel_noise_max: NonNegativeFloat = Field(
+        25.0, description="Pretraining renderings get Gaussian pixel noise of sigma U(0, this) on a 0-255 scale."
+    )
+    annotator_tau: PositiveFloat = Field(
+        0.08, description="Bradley-Terry temperature of simulated annotators: P(a>b)=sigmoid((o(a)-o(b))/tau)."
+    )
+    n_annotators: PositiveInt = Field(20, description="Number of simulated annotators (ids are pseudonymised).")
+
+
+class Pretrain(Section):
+    """Pretraining of the tiny base model on the demo world (VAE first, then UNet and text encoder)."""
+
+    vae_steps: NonNegativeInt = Field(700, description="VAE optimizer steps.")
+    vae_lr: PositiveFloat = Field(2e-3, description="VAE learning rate.")
+    vae_kl_weight: NonNegativeFloat = Field(1e-6, description="KL weight of the VAE loss.")
+    unet_steps: NonNegativeInt = Field(1400, description="UNet + text encoder optimizer steps.")
+    unet_lr: PositiveFloat = Field(1e-3, description="UNet + text encoder learning rate.")
+    batch_size: PositiveInt = Field(64, description="Images per optimizer step.")
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Empty-caption rate (enables guidance).")
+
+
+class DataConfig(Section):
+    """Where feedback comes from and how it is split."""
+
+    source: Literal["demo", "jsonl"] = Field("demo", description="demo: build the pool from the world.")
+    split_train: float = Field(0.8, gt=0.0, lt=1.0, description="Share of prompts (by sha256 mod 100) in train.")
+    split_val: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts in val; the rest is test.")
+    pool_prompts: PositiveInt = Field(540, description="Demo: prompts in the preference pool (all if larger).")
+    pool_base_samples: NonNegativeInt = Field(4, description="Demo: base-model samples per prompt.")
+    pool_renderings: NonNegativeInt = Field(2, description="Demo: corrupted renderings per prompt ('other models').")
+    pool_pairs_per_prompt: PositiveInt = Field(6, description="Demo: pairs drawn per prompt from its images.")
+    pool_sample_steps: PositiveInt = Field(20, description="Demo: sampler steps for base-model samples.")
+    pool_guidance: NonNegativeFloat = Field(3.0, description="Demo: guidance scale of base-model samples.")
+
+    @model_validator(mode="after")
+    def _splits_leave_room(self) -> DataConfig:
+        if self.split_train + self.split_val >= 1.0:
+            raise ValueError("split_train + split_val must be < 1 so that a test split exists")
+        return self
+
+
+class Validation(Section):
+    """Thresholds of the Great Expectations gate."""
+
+    min_pairs: NonNegativeInt = Field(100, description="Fewest pairs accepted.")
+    max_pairs: PositiveInt = Field(10_000_000, description="Most pairs accepted.")
+    max_tie_fraction: float = Field(0.3, ge=0.0, le=1.0, description="Largest share of ties (label 0.5).")
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Largest share of rows quarantined.")
+    min_image_side: PositiveInt = Field(8, description="Smallest image side in pixels.")
+    max_image_side: PositiveInt = Field(4096, description="Largest image side in pixels.")
+    max_prompt_chars: PositiveInt = Field(2000, description="Longest prompt accepted.")
+
+
+class Featurize(Section):
+    """Cached VAE latents and text embeddings."""
+
+    batch_size: PositiveInt = Field(256, description="Images per VAE forward.")
+    flip: bool = Field(False, description="Also cache horizontally flipped latents (invalid on the demo world).")
+
+
+class ModelConfig(Section):
+    """The diffusion model: the demo's tiny Stable Diffusion or a local diffusers folder."""
+
+    preset: Literal["demo", "sd15", "sdxl", "sd15-random"] = Field("demo", description="Model family.")
+    pretrained_path: str | None = Field(None, description="Local diffusers folder for sd15/sdxl (never a hub id).")
+    resolution: PositiveInt = Field(16, description="Training/sampling resolution in pixels.")
+    unet_channels: tuple[PositiveInt, ...] = Field((64, 128), description="Demo UNet block widths.")
+    vae_channels: tuple[PositiveInt, ...] = Field((32, 64), description="Demo VAE block widths.")
+    text_hidden: PositiveInt = Field(64, description="Demo CLIP text encoder width.")
+    text_layers: PositiveInt = Field(2, description="Demo CLIP text encoder layers.")
+
+
+class RewardConfig(Section):
+    """Reward model: CLIP-style dual encoder, score = scale * cos(text, image)."""
+
+    backbone: str = Field("tiny", description="'tiny' (built from config) or a local CLIP folder.")
+    loss: RewardLoss = Field("bt", description="bt on pairs, pl on rankings, or mixed.")
+    keep_ties: bool = Field(True, description="Use ties with the soft-label BT loss.")
+    steps: PositiveInt = Field(1500, description="Optimizer steps.")
+    lr: PositiveFloat = Field(1e-3, description="Learning rate.")
+    batch_size: PositiveInt = Field(128, description="Pairs per step.")
+    embed_dim: PositiveInt = Field(64, description="Tiny backbone projection width.")
+    eval_every: PositiveInt = Field(100, description="Validation accuracy every N steps (early stopping).")
+    patience: PositiveInt = Field(6, description="Evaluations without improvement before stopping.")
+
+
+class LoraConfig(Section):
+    """LoRA adapter of the UNet."""
+
+    rank: PositiveInt = Field(8, description="LoRA rank.")
+    alpha: PositiveFloat = Field(8.0, description="LoRA alpha (scale = alpha / rank).")
+    targets: tuple[str, ...] = Field(
+        ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"), description="Module names that get adapters."
+    )
+
+
+class DPOConfig(Section):
+    """Offline Diffusion-DPO (Wallace et al. 2024), β in the original code's convention."""
+
+    beta: PositiveFloat = Field(2000.0, description="β with mean-reduced errors and the -1/2 factor of the paper code.")
+    variant: DPOVariant = Field("sigmoid", description="sigmoid (paper), hinge or ipo.")
+    lr: PositiveFloat = Field(1e-3, description="Learning rate.")
+    steps: PositiveInt = Field(400, description="Optimizer steps.")
+    batch_size: PositiveInt = Field(32, description="Pairs per micro-batch.")
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps.")
+    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
+    prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Share of pairs trained with the empty prompt.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class DROConfig(Section):
+    """Hybrid Diffusion-DRO (Wu et al. 2025): expert demonstrations + online negatives."""
+
+    init_from: Literal["dpo", "base"] = Field("dpo", description="Start from the DPO result or from the base.")
+    top_k: PositiveInt = Field(400, description="Expert demonstrations: top-K images by the reward model.")
+    per_prompt_cap: PositiveInt = Field(2, description="At most this many experts per prompt.")
+    margin: NonNegativeFloat = Field(1e-3, description="Hinge margin m.")
+    lr: PositiveFloat = Field(5e-4, description="Learning rate.")
+    steps: PositiveInt = Field(150, description="Optimizer steps.")
+    batch_size: PositiveInt = Field(16, description="Expert/policy samples per step.")
+    sample_steps: PositiveInt = Field(10, description="DPM-Solver++ steps of the online sampler.")
+    guidance: NonNegativeFloat = Field(1.0, description="Guidance scale of the online sampler (1 = none, as published).")
+    reuse: PositiveInt = Field(4, description="Optimizer updates served by one recorded batch of trajectories.")
+    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class KTOConfig(Section):
+    """Diffusion-KTO on binary feedback (not in the default pipeline)."""
+
+    beta: PositiveFloat = Field(1000.0, description="β without the 1/2 factor (published 1000).")
+    lr: PositiveFloat = Field(1e-4, description="Learning rate.")
+    steps: PositiveInt = Field(200, description="Optimizer steps.")
+
+
+class EvalConfig(Section):
+    """Evaluation of candidates against base and champion on held-out prompts with fixed seeds."""
+
+    n_prompts: PositiveInt = Field(64, description="Held-out test prompts evaluated (all if fewer).")
+    images_per_prompt: PositiveInt = Field(4, description="Seeds per prompt.")
+    sample_steps: PositiveInt = Field(20, description="Sampler steps.")
+    guidance: NonNegativeFloat = Field(3.0, description="Classifier-free guidance scale.")
+    bootstrap: PositiveInt = Field(2000, description="Bootstrap resamples of prompts for the 95% interval.")
+    metric_primary: Literal["oracle", "reward"] = Field("oracle", description="Metric that decides promotion.")
+
+
+class RegistryConfig(Section):
+    """MLflow model registry names and the promotion rule."""
+
+    policy_name: str = Field("prefalign-policy", description="Registered model of the diffusion policies.")
+    reward_name: str = Field("prefalign-reward", description="Registered model of the reward models.")
+    champion_alias: str = Field("champion", description="Alias of the promoted policy.")
+    require_beats_base: bool = Field(True, description="Promote only candidates whose win-rate ci_low vs base > 0.5.")
+
+
+class TrackingConfig(Section):
+    """MLflow tracking: explicit local store inside the repo unless the environment says otherwise."""
+
+    enabled: bool = Field(True, description="Log to MLflow; False uses the NullTracker.")
+    uri: str = Field("sqlite:///mlruns/mlflow.db", description="Tracking URI; relative sqlite paths are under root.")
+    artifact_root: str = Field("mlruns/artifacts", description="Artifact root for the experiment, under root.")
+    experiment: str = Field("prefalign", description="Experiment name.")
+
+
+class PipelineConfig(Section):
+    """The whole of ``params.yaml``."""
+
+    seed: int = Field(0, description="Global seed; every stage seeds from it.")
+    paths: Paths = Field(default_factory=Paths)
+    world: World = Field(default_factory=World)
+    pretrain: Pretrain = Field(default_factory=Pretrain)
+    data: DataConfig = Field(default_factory=DataConfig)
+    validation: Validation = Field(default_factory=Validation)
+    featurize: Featurize = Field(default_factory=Featurize)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    dro: DROConfig = Field(default_factory=DROConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _model_matches_world(self) -> PipelineConfig:
+        if self.model.preset == "demo" and self.model.resolution != self.world.image_size:
+            raise ValueError("model.resolution must equal world.image_size for the demo preset")
+        if self.model.preset in ("sd15", "sdxl") and not self.model.pretrained_path:
+            raise ValueError(f"model.pretrained_path (a local diffusers folder) is required for preset {self.model.preset}")
+        return self
+
+    def section_sha(self, *sections: str) -> str:
+        """Short sha256 of the named sections (all when none), for the params_sha tag."""
+        dump = self.model_dump(mode="json")
+        chosen = {k: dump[k] for k in (sections or dump.keys())}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'dpo.beta=5000'`` -> ``('dpo.beta', 5000)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Load and validate ``params.yaml``; ``overrides`` are dotted keys merged in before validation.
+
+    ``paths.root`` defaults to the folder holding the file, so stages work from any working directory.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, or a key is unknown, mistyped or out of range;
+            the message names the file and each dotted key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = copy.deepcopy(raw)
+    tree.setdefault("paths", {}).setdefault("root", str(path.resolve().parent))
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, str(path))) from None

@@ -1,0 +1,205 @@
+"""Diffusion models: the demo's tiny Stable Diffusion built from config, local SD folders, LoRA, policies.
+
+Every model the pipeline trains or evaluates is a stock ``StableDiffusionPipeline`` folder plus, for a
+policy, either a diffusers-format LoRA file (``pytorch_lora_weights.safetensors``, what
+``load_lora_weights`` reads) or a full ``unet/`` folder. So the demo runs the same code path as SD1.5.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from prefalign.config import LoraConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+# SD1.5's scheduler: the demo keeps it so that β, timesteps and noise levels mean what they mean there.
+SCHEDULER_KWARGS = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}
+
+
+def build_tiny_vae(cfg: ModelConfig) -> AutoencoderKL:
+    """Demo VAE: ``len(vae_channels) - 1`` downsamplings (16 px -> 8x8x4 latents with two blocks)."""
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(32, min(cfg.vae_channels)),
+        sample_size=cfg.resolution,
+    )
+
+
+def build_tiny_unet(cfg: ModelConfig, latent_size: int) -> UNet2DConditionModel:
+    """Demo UNet on latents; cross-attention below the top level only.
+
+    Attention at the full latent resolution costs more than it gives here (DEMO_WORLD_NOTES.md measured
+    5-10x slower steps); a 4x4 level still resolves the five named positions.
+    """
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=tuple(cfg.unet_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_tiny_text_encoder(cfg: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """Demo CLIP text encoder sized to the generated tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=2 * cfg.text_hidden,
+        num_attention_heads=4,
+        num_hidden_layers=cfg.text_layers,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_scheduler(kind: str = "ddpm"):
+    """SD1.5's noise schedule as a DDPM (training), DDIM or DPM-Solver++ (sampling) scheduler."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    match kind:
+        case "ddpm":
+            return DDPMScheduler(**SCHEDULER_KWARGS)
+        case "ddim":
+            return DDIMScheduler(**SCHEDULER_KWARGS)
+        case "dpmsolver++":
+            return DPMSolverMultistepScheduler(**SCHEDULER_KWARGS, algorithm_type="dpmsolver++")
+        case _:
+            raise ValueError(f"unknown scheduler {kind!r}; expected ddpm, ddim or dpmsolver++")
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    """A stock pipeline without safety checker (the demo world has nothing to filter)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler("dpmsolver++"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_base_pipeline(folder: Path, *, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a local diffusers folder; never a hub id (offline machines hang on those)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_policy_pipeline(base_dir: Path, policy_dir: Path | None) -> StableDiffusionPipeline:
+    """The base pipeline with a policy applied: a diffusers LoRA file, a full ``unet/`` folder, or nothing."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = load_base_pipeline(base_dir)
+    if policy_dir is None:
+        return pipe
+    policy_dir = Path(policy_dir)
+    if (policy_dir / "unet" / "config.json").is_file():
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(policy_dir / "unet"), local_files_only=True)
+    elif (policy_dir / LORA_FILE).is_file():
+        pipe.load_lora_weights(str(policy_dir), weight_name=LORA_FILE)
+        # Fused then unloaded: plain weights again, so the UNet saves and re-adapts like a base UNet.
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    else:
+        raise FileNotFoundError(f"{policy_dir}: neither a unet/ folder nor {LORA_FILE}")
+    return pipe
+
+
+def add_lora(unet: UNet2DConditionModel, lora: LoraConfig, *, adapter_name: str = "default") -> int:
+    """Inject a peft LoRA adapter; only its parameters stay trainable. Returns the trainable count.
+
+    Raises:
+        ValueError: a target names no module of the UNet (peft would silently skip or fail obscurely).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    names = [name for name, _ in unet.named_modules()]
+    missing = [t for t in lora.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no module of the UNet; check dpo/dro.lora.targets")
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        PeftLoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, init_lora_weights="gaussian", target_modules=list(lora.targets)
+        ),
+        adapter_name=adapter_name,
+    )
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
+    """Write the adapter in the diffusers format that ``pipeline.load_lora_weights`` reads."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state, safe_serialization=True)
+    return folder / LORA_FILE
+
+
+def load_base_unet(base_dir: Path) -> UNet2DConditionModel:
+    """The base UNet alone, in float32, from a local pipeline folder."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(str(Path(base_dir) / "unet"), local_files_only=True)
+
+
+def unet_with_policy(base_dir: Path, policy_dir: Path | None) -> UNet2DConditionModel:
+    """A plain UNet with ``policy_dir`` (LoRA or full UNet) merged into its weights."""
+    return load_policy_pipeline(base_dir, policy_dir).unet

@@ -1,0 +1,124 @@
+"""Pretraining of the demo's tiny Stable Diffusion: the VAE first, then the UNet and text encoder.
+
+The captions are partly wrong (web-style noise) and the renderings carry pixel noise, so the base model
+follows prompts only loosely: there is room for alignment, as with a real base model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from prefalign.config import ModelConfig, Pretrain
+from prefalign.models import diffusion
+
+log = logging.getLogger(__name__)
+MetricsFn = Callable[[dict[str, float], int], None]
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as the SD VAE expects."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class PretrainResult:
+    pipeline: object
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def train_vae(vae, images: torch.Tensor, cfg: Pretrain, *, seed: int, log_metrics: MetricsFn | None) -> list[float]:
+    """Reconstruction + tiny KL; sets ``scaling_factor`` so scaled latents have unit variance, as in SD."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    history = []
+    vae.train()
+    for step in tqdm(range(cfg.vae_steps), desc="pretrain vae", mininterval=5):
+        batch = images[torch.randint(0, len(images), (cfg.batch_size,), generator=gen)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = (recon - batch).pow(2).mean() + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss))
+        if log_metrics and step % 50 == 0:
+            log_metrics({"pretrain/vae_loss": float(loss)}, step)
+    vae.eval()
+    with torch.no_grad():
+        std = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, min(len(images), 2048), 512)]).std()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+    return history
+
+
+def encode_posteriors(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled posterior means and standard deviations of every image (the UNet samples latents from them)."""
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 512):
+            dist = vae.encode(images[i : i + 512]).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    scale = vae.config.scaling_factor
+    return torch.cat(means) * scale, torch.cat(stds) * scale
+
+
+def train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cfg: Pretrain, *, seed, log_metrics) -> list[float]:
+    """ε-prediction MSE with caption dropout (so classifier-free guidance works)."""
+    scheduler = diffusion.make_scheduler("ddpm")
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = tokenizer(list(captions) + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    empty_id = len(captions)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    history = []
+    unet.train(), text_encoder.train()
+    for step in tqdm(range(cfg.unet_steps), desc="pretrain unet", mininterval=5):
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
+        caption_idx = torch.where(torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout, empty_id, idx)
+        x0 = latents[idx] + latent_stds[idx] * torch.randn(latents[idx].shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text_encoder(ids[caption_idx])[0]).sample
+        loss = (pred - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        history.append(float(loss))
+        if log_metrics and step % 50 == 0:
+            log_metrics({"pretrain/unet_loss": float(loss)}, step)
+    unet.eval(), text_encoder.eval()
+    return history
+
+
+def pretrain_base(
+    images: np.ndarray, captions: list[str], words: list[str], model_cfg: ModelConfig, cfg: Pretrain, *, seed: int,
+    log_metrics: MetricsFn | None = None,
+) -> PretrainResult:
+    """Build the tiny SD from config and train it on (images, captions); returns a stock pipeline."""
+    from prefalign.models.text import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words)
+    vae = diffusion.build_tiny_vae(model_cfg)
+    pixels = to_model_range(images)
+    vae_history = train_vae(vae, pixels, cfg, seed=seed, log_metrics=log_metrics)
+    latents, latent_stds = encode_posteriors(vae, pixels)
+    unet = diffusion.build_tiny_unet(model_cfg, latent_size=latents.shape[-1])
+    text_encoder = diffusion.build_tiny_text_encoder(model_cfg, tokenizer)
+    unet_history = train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cfg, seed=seed, log_metrics=log_metrics)
+    pipe = diffusion.assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    return PretrainResult(pipeline=pipe, history={"vae_loss": vae_history, "unet_loss": unet_history})

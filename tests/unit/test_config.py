@@ -1,0 +1,106 @@
+"""The one config: params.yaml validates, bad keys fail naming the key, dvc.yaml and the CLI agree."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefalign.config import ConfigError, PipelineConfig, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_params(tmp_path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_params_validate_and_equal_the_documented_defaults():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.model_dump(exclude={"paths"}) == PipelineConfig().model_dump(exclude={"paths"})
+    assert Path(cfg.paths.root) == ROOT
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description or isinstance(field.default_factory, type), f"{model.__name__}.{name}"
+            sub = field.annotation
+            if isinstance(sub, type) and hasattr(sub, "model_fields"):
+                walk(sub)
+
+    walk(PipelineConfig)
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"dpo\.betta"):
+        load_config(write_params(tmp_path, "dpo:\n  betta: 5000\n"))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"dpo\.steps"):
+        load_config(write_params(tmp_path, "dpo:\n  steps: many\n"))
+
+
+def test_negative_learning_rate_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"reward\.lr"):
+        load_config(write_params(tmp_path, "reward:\n  lr: -0.001\n"))
+
+
+def test_non_positive_beta_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"dpo\.beta"):
+        load_config(write_params(tmp_path, "dpo:\n  beta: 0\n"))
+
+
+def test_message_names_the_file(tmp_path):
+    path = write_params(tmp_path, "unknown_section: 1\n")
+    with pytest.raises(ConfigError, match="params.yaml"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dotted_overrides_are_validated_like_the_file(tmp_path):
+    path = write_params(tmp_path, "dpo:\n  beta: 2000\n")
+    cfg = load_config(path, {"dpo.beta": 5000, "dpo.lora.rank": 4})
+    assert cfg.dpo.beta == 5000.0 and isinstance(cfg.dpo.beta, float) and cfg.dpo.lora.rank == 4
+    with pytest.raises(ConfigError, match=r"dpo\.lora\.rank"):
+        load_config(path, {"dpo.lora.rank": -1})
+
+
+def test_parse_override():
+    assert parse_override("dpo.beta=5000") == ("dpo.beta", 5000)
+    assert parse_override("model.unet_channels=[32, 64]") == ("model.unet_channels", [32, 64])
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ConfigError, match="resolution"):
+        load_config(write_params(tmp_path, "model:\n  resolution: 32\n"))
+    with pytest.raises(ConfigError, match="pretrained_path"):
+        load_config(write_params(tmp_path, "model:\n  preset: sd15\n"))
+    with pytest.raises(ConfigError, match="split"):
+        load_config(write_params(tmp_path, "data:\n  split_train: 0.9\n  split_val: 0.1\n"))
+
+
+def test_dvc_yaml_agrees_with_stages_config_and_cli():
+    from prefalign.stages import RUNNERS, STAGES
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert tuple(dvc) == STAGES == tuple(RUNNERS)
+    sections = set(PipelineConfig.model_fields)
+    for name, stage in dvc.items():
+        assert stage["cmd"] == f"prefalign stage {name}", "hyperparameters never go on the command line"
+        for key in stage.get("params", []):
+            section, *rest = key.split(".")
+            assert section in sections, f"{name}: params key {key} is not in the config"
+            model = PipelineConfig.model_fields[section].annotation
+            if rest:
+                assert rest[0] in model.model_fields, f"{name}: params key {key} is not in the config"
+        for dep in stage.get("deps", []):
+            assert (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
