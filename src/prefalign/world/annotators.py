@@ -1,0 +1,106 @@
+"""Simulated annotators: Bradley-Terry noise around the oracle, and pseudonymous annotator ids.
+
+An annotator prefers image a to image b with probability sigma((oracle(a) - oracle(b)) / tau). Because
+tau is known, the best accuracy any reward model can reach on held-out pairs is computable
+(:func:`bayes_accuracy`) and is reported next to the real one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = "PREFALIGN_ANNOTATOR_KEY"
+# Used only when the environment has no key, so the demo runs out of the box. It is public, so ids
+# hashed with it are NOT pseudonymous: production sets PREFALIGN_ANNOTATOR_KEY.
+DEMO_KEY = "prefalign-demo-annotator-key"
+_warned_demo_key = False
+
+
+def preference_probability(score_a: ArrayLike, score_b: ArrayLike, tau: float) -> np.ndarray:
+    """P(a preferred to b) = sigma((a - b) / tau), stable for any score gap.
+
+    Args:
+        score_a: Oracle scores of the first images.
+        score_b: Oracle scores of the second images (broadcast against ``score_a``).
+        tau: Bradley-Terry temperature (> 0); smaller means more reliable annotators.
+
+    Returns:
+        float64 array of probabilities.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    diff = np.asarray(score_a, np.float64) - np.asarray(score_b, np.float64)
+    # sigma(x) = exp(-log(1 + e^-x)); logaddexp never overflows, whatever the gap and tau.
+    with np.errstate(under="ignore"):  # probabilities below 1e-308 are 0, harmlessly
+        return np.exp(-np.logaddexp(0.0, -diff / tau))
+
+
+def annotate(score_a: ArrayLike, score_b: ArrayLike, *, tau: float, rng: np.random.Generator) -> np.ndarray:
+    """Draw one judgement per pair.
+
+    Args:
+        score_a: Oracle scores of the first images.
+        score_b: Oracle scores of the second images.
+        tau: Bradley-Terry temperature.
+        rng: Source of randomness.
+
+    Returns:
+        bool array, True where the annotator prefers a.
+    """
+    p = preference_probability(score_a, score_b, tau)
+    return rng.random(p.shape) < p
+
+
+def bayes_accuracy(score_w: ArrayLike, score_l: ArrayLike, *, tau: float) -> float:
+    """Expected accuracy of the oracle itself on labelled pairs: mean of sigma(|delta| / tau).
+
+    Whatever the label, the oracle picks the higher-scored image; the annotator agreed with that choice
+    with probability sigma(|delta| / tau). Averaging the probability instead of counting agreements
+    removes the labels' sampling noise from the comparison with a reward model.
+
+    Args:
+        score_w: Oracle scores of the images labelled preferred.
+        score_l: Oracle scores of the other images.
+        tau: Bradley-Terry temperature of the annotators.
+
+    Returns:
+        The Bayes accuracy in [0.5, 1]; NaN for no pairs.
+    """
+    diff = np.abs(np.asarray(score_w, np.float64) - np.asarray(score_l, np.float64))
+    if diff.size == 0:
+        return float("nan")
+    return float(np.mean(preference_probability(diff, 0.0, tau)))
+
+
+def _annotator_key() -> str:
+    global _warned_demo_key
+    key = os.environ.get(KEY_ENV)
+    if key:
+        return key
+    if not _warned_demo_key:
+        log.warning("%s is not set: annotator ids are hashed with the public demo key (not pseudonymous)", KEY_ENV)
+        _warned_demo_key = True
+    return DEMO_KEY
+
+
+def pseudonymise(annotator_id: str, key: str | None = None) -> str:
+    """A keyed hash of an annotator id: stable for one key, not reversible without it.
+
+    Args:
+        annotator_id: The raw id (e.g. a user name).
+        key: HMAC key; None reads ``PREFALIGN_ANNOTATOR_KEY`` (falling back to ``DEMO_KEY`` with a
+            warning logged once).
+
+    Returns:
+        The first 16 hex characters of HMAC-SHA256(key, annotator_id).
+    """
+    secret = _annotator_key() if key is None else key
+    return hmac.new(secret.encode(), str(annotator_id).encode(), hashlib.sha256).hexdigest()[:16]

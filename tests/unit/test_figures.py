@@ -1,0 +1,61 @@
+"""Report figures are written as real, non-trivial PNG files."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prefalign.evaluation.figures import calibration_plot, image_grid, loss_curve, win_rate_bars
+from prefalign.world.grammar import all_attributes
+from prefalign.world.render import render_batch
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png(path, min_bytes: int = 3000) -> Image.Image:
+    assert path.exists()
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert path.stat().st_size >= min_bytes
+    image = Image.open(path)
+    image.load()
+    return image
+
+
+def test_image_grid(tmp_path):
+    images = render_batch(all_attributes()[::45][:12], 16)
+    out = image_grid(images, ["base", "dpo", "dro"], 4, tmp_path / "sub" / "grid.png", title="three prompts")
+    png = _check_png(out)
+    assert png.width >= 4 * 16 * 4 and png.height >= 3 * 16 * 4  # upscaled, not thumbnails
+    with pytest.raises(ValueError):
+        image_grid(images, ["base", "dpo"], 4, tmp_path / "bad.png")
+
+
+def test_loss_curve(tmp_path):
+    rng = np.random.default_rng(0)
+    history = {"loss": list(0.7 * np.exp(-np.arange(200) / 80) + rng.normal(0, 0.03, 200)),
+               "implicit_acc": list(rng.random(200)), "empty": []}
+    _check_png(loss_curve(history, tmp_path / "loss.png", title="dpo"))
+    _check_png(loss_curve({}, tmp_path / "none.png", title="nothing yet"), min_bytes=1000)
+
+
+def test_win_rate_bars(tmp_path):
+    rates = {"dpo_vs_base (oracle)": {"rate": 0.62, "ci_low": 0.55, "ci_high": 0.69, "n": 256},
+             "dro_vs_base (oracle)": {"rate": 0.48, "ci_low": 0.41, "ci_high": 0.55, "n": 256}}
+    _check_png(win_rate_bars(rates, tmp_path / "wr.png", title="win rates"))
+
+
+def test_calibration_plot(tmp_path):
+    rng = np.random.default_rng(1)
+    pred = rng.random(1000)
+    observed = (rng.random(1000) < pred).astype(float)
+    _check_png(calibration_plot(pred, observed, tmp_path / "cal.png", n_bins=8))
+    with pytest.raises(ValueError):
+        calibration_plot(pred, observed[:10], tmp_path / "bad.png")
+
+
+def test_importing_figures_does_not_import_matplotlib():
+    code = "import sys, prefalign.evaluation.figures, prefalign.evaluation; print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
