@@ -44,6 +44,6 @@ TINY_OVERRIDES = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides() -> dict:
     return dict(TINY_OVERRIDES)

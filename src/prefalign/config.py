@@ -81,7 +81,7 @@ class World(Section):
 class Pretrain(Section):
     """Pretraining of the tiny base model on the demo world (VAE first, then UNet and text encoder)."""
 
-    vae_steps: NonNegativeInt = Field(700, description="VAE optimizer steps.")
+    vae_steps: NonNegativeInt = Field(500, description="VAE optimizer steps.")
     vae_lr: PositiveFloat = Field(2e-3, description="VAE learning rate.")
     vae_kl_weight: NonNegativeFloat = Field(1e-6, description="KL weight of the VAE loss.")
     unet_steps: NonNegativeInt = Field(1400, description="UNet + text encoder optimizer steps.")

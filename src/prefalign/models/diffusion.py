@@ -98,13 +98,15 @@ def make_scheduler(kind: str = "ddpm"):
     """SD1.5's noise schedule as a DDPM (training), DDIM or DPM-Solver++ (sampling) scheduler."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+    ddpm = DDPMScheduler(**SCHEDULER_KWARGS)
     match kind:
         case "ddpm":
-            return DDPMScheduler(**SCHEDULER_KWARGS)
+            return ddpm
         case "ddim":
-            return DDIMScheduler(**SCHEDULER_KWARGS)
+            return DDIMScheduler.from_config(ddpm.config)
         case "dpmsolver++":
-            return DPMSolverMultistepScheduler(**SCHEDULER_KWARGS, algorithm_type="dpmsolver++")
+            # from_config keeps the noise schedule and drops DDPM-only keys such as clip_sample.
+            return DPMSolverMultistepScheduler.from_config(ddpm.config, algorithm_type="dpmsolver++")
         case _:
             raise ValueError(f"unknown scheduler {kind!r}; expected ddpm, ddim or dpmsolver++")
 

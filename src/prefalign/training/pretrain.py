@@ -51,9 +51,9 @@ def train_vae(vae, images: torch.Tensor, cfg: Pretrain, *, seed: int, log_metric
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(loss.item())
         if log_metrics and step % 50 == 0:
-            log_metrics({"pretrain/vae_loss": float(loss)}, step)
+            log_metrics({"pretrain/vae_loss": history[-1]}, step)
     vae.eval()
     with torch.no_grad():
         std = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, min(len(images), 2048), 512)]).std()
@@ -97,9 +97,9 @@ def train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cf
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        history.append(float(loss))
+        history.append(loss.item())
         if log_metrics and step % 50 == 0:
-            log_metrics({"pretrain/unet_loss": float(loss)}, step)
+            log_metrics({"pretrain/unet_loss": history[-1]}, step)
     unet.eval(), text_encoder.eval()
     return history
 
