@@ -148,7 +148,7 @@ class RewardConfig(Section):
     loss: RewardLoss = Field("bt", description="bt on pairs, pl on rankings, or mixed.")
     keep_ties: bool = Field(True, description="Use ties with the soft-label BT loss.")
     steps: PositiveInt = Field(1500, description="Optimizer steps.")
-    lr: PositiveFloat = Field(1e-3, description="Learning rate.")
+    lr: PositiveFloat = Field(5e-4, description="Learning rate (1e-3 sometimes left position unlearned).")
     batch_size: PositiveInt = Field(128, description="Pairs per step.")
     embed_dim: PositiveInt = Field(64, description="Tiny backbone projection width.")
     eval_every: PositiveInt = Field(100, description="Validation accuracy every N steps (early stopping).")

@@ -1,0 +1,649 @@
+"""Reward-model training (Bradley–Terry on pairs, Plackett–Luce on rankings) and its evaluation.
+
+The loop stays linear: batch of pairs/rankings -> ``RewardScorer`` scores -> loss from
+``prefalign.losses.reward`` -> backward -> AdamW step -> periodic validation accuracy -> early stopping on
+it, keeping the best weights. Every image of a split is decoded once, up front, into a uint8 tensor;
+batches index into it, so a step costs only the forward and backward passes.
+
+No augmentation: on the demo world colour and position *are* the preference signal, so flips, crops or
+colour jitter would teach the model to ignore exactly what it must judge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from prefalign.config import RewardConfig
+from prefalign.losses.reward import bradley_terry_loss, plackett_luce_loss
+from prefalign.models.reward_model import MAX_LOGIT_SCALE, RewardScorer, resize_image
+from prefalign.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+MetricsFn = Callable[[dict[str, float], int], None]
+TIE, WIN = 0.5, 1.0
+WARMUP_FRACTION = 0.05
+WEIGHT_DECAY = 1e-2
+MAX_GRAD_NORM = 1.0
+LOG_EVERY = 10
+CALIBRATION_BINS = 10
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class RewardData:
+    """One split's preference examples, with every image decoded once and referenced by row.
+
+    Attributes:
+        split: split name (for messages).
+        prompts: unique prompts; examples refer to them by row.
+        images: uint8 ``(M, H, W, 3)``, the unique images; examples refer to them by row.
+        image_shas: sha256 of each image row.
+        pair_prompt, pair_w, pair_l: ``(P,)`` rows of each pair's prompt, preferred and other image.
+        pair_label: ``(P,)`` 1.0 (w preferred) or 0.5 (tie).
+        pair_weight: ``(P,)`` 1 / (pairs of the same prompt), normalised to mean 1 (PickScore's weighting).
+        pair_ids: canonical ``pair_id`` of each pair, None for pairs expanded from rankings.
+        ranking_prompt: ``(R,)`` prompt rows, or None without rankings.
+        ranking_images: ``(R, K)`` image rows, best first, padded at the end (pad rows are 0).
+        ranking_mask: ``(R, K)`` True for real entries.
+        ranking_weight: ``(R,)`` like ``pair_weight``, per ranking.
+    """
+
+    split: str
+    prompts: list[str]
+    images: np.ndarray
+    image_shas: list[str]
+    pair_prompt: np.ndarray
+    pair_w: np.ndarray
+    pair_l: np.ndarray
+    pair_label: np.ndarray
+    pair_weight: np.ndarray
+    pair_ids: list[str | None] = field(default_factory=list)
+    ranking_prompt: np.ndarray | None = None
+    ranking_images: np.ndarray | None = None
+    ranking_mask: np.ndarray | None = None
+    ranking_weight: np.ndarray | None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pair_w)
+
+    @property
+    def n_rankings(self) -> int:
+        return 0 if self.ranking_prompt is None else len(self.ranking_prompt)
+
+    @classmethod
+    def from_tables(
+        cls,
+        pairs: pd.DataFrame,
+        rankings: pd.DataFrame | None,
+        load_image: Callable[[str], np.ndarray],
+        *,
+        keep_ties: bool,
+        split: str | None = None,
+        resize_to: int | None = None,
+    ) -> RewardData:
+        """Build a split from canonical tables (``pairs.parquet``, ``rankings.parquet`` rows).
+
+        Args:
+            pairs: rows with prompt, image_w, image_l, label (and pair_id, split when present).
+            rankings: rows with prompt, images (sha list, best first), or None.
+            load_image: sha256 -> uint8 ``(H, W, 3)``, e.g. ``ImageStore(root).load_array``.
+            keep_ties: keep label-0.5 pairs (trained with the soft-label BT loss) or drop them.
+            split: keep only rows of this split (tables without a ``split`` column are used whole).
+            resize_to: resize every image to this side on load; needed when image sizes differ.
+
+        Raises:
+            ValueError: the split has no pairs (nor rankings to expand into pairs), a label is not 1.0 or 0.5,
+                or images differ in size and ``resize_to`` is None.
+        """
+        name = split or "given"
+        pairs = _rows_of_split(pairs, split)
+        rankings = _usable_rankings(_rows_of_split(rankings, split)) if rankings is not None else None
+        _check_labels(pairs, name)
+        n_ties = int((pairs["label"] == TIE).sum())
+        if not keep_ties:
+            pairs = pairs[pairs["label"] == WIN]
+        if pairs.empty and rankings is not None and not rankings.empty:
+            log.info("%s split: no pairs, so the %d rankings are expanded into pairs", name, len(rankings))
+            pairs = _pairs_from_rankings(rankings)
+        if pairs.empty:
+            dropped = f" ({n_ties} ties dropped by keep_ties=False)" if n_ties and not keep_ties else ""
+            raise ValueError(f"the {name!r} split has no pairs{dropped}: nothing to train or evaluate on")
+        data = _assemble(pairs, rankings, load_image, name=name, resize_to=resize_to)
+        log.info("%s split: %d pairs (%d ties), %d rankings, %d images, %d prompts", name, data.n_pairs,
+                 int((data.pair_label == TIE).sum()), data.n_rankings, len(data.image_shas), len(data.prompts))
+        return data
+
+
+def _rows_of_split(table: pd.DataFrame, split: str | None) -> pd.DataFrame:
+    if split is None or "split" not in table.columns:
+        return table.reset_index(drop=True)
+    return table[table["split"] == split].reset_index(drop=True)
+
+
+def _check_labels(pairs: pd.DataFrame, name: str) -> None:
+    bad = sorted(set(pairs["label"].astype(float)) - {WIN, TIE})
+    if bad:
+        raise ValueError(f"{name!r} split: pair labels must be 1.0 (image_w preferred) or 0.5 (tie), got {bad}")
+
+
+def _usable_rankings(rankings: pd.DataFrame) -> pd.DataFrame:
+    """Rankings of at least two images (a single image ranks nothing)."""
+    return rankings[rankings["images"].map(len) >= 2].reset_index(drop=True)
+
+
+def _pairs_from_rankings(rankings: pd.DataFrame) -> pd.DataFrame:
+    """Every implied pair (i before j) of each ranking, as ImageReward expands its rankings."""
+    rows = [
+        {"prompt": prompt, "image_w": images[i], "image_l": images[j], "label": WIN}
+        for prompt, images in zip(rankings["prompt"], rankings["images"], strict=True)
+        for i in range(len(images))
+        for j in range(i + 1, len(images))
+    ]
+    return pd.DataFrame(rows, columns=["prompt", "image_w", "image_l", "label"])
+
+
+def per_prompt_weights(example_prompts: np.ndarray) -> np.ndarray:
+    """1 / (examples of the same prompt), normalised to mean 1: every prompt counts equally (PickScore)."""
+    _, inverse, counts = np.unique(example_prompts, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse]
+    return (weights / weights.mean()).astype(np.float32)
+
+
+def _load_images(
+    shas: list[str], load_image: Callable[[str], np.ndarray], name: str, resize_to: int | None
+) -> np.ndarray:
+    arrays = [load_image(sha) for sha in shas]
+    if resize_to is not None:
+        arrays = [resize_image(array, resize_to) for array in arrays]
+    shapes = {array.shape for array in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"{name!r} split: images differ in size {sorted(shapes)[:4]}; pass resize_to")
+    return np.stack(arrays).astype(np.uint8, copy=False)
+
+
+def _assemble(
+    pairs: pd.DataFrame,
+    rankings: pd.DataFrame | None,
+    load_image: Callable[[str], np.ndarray],
+    *,
+    name: str,
+    resize_to: int | None,
+) -> RewardData:
+    ranking_lists = [] if rankings is None else [list(images) for images in rankings["images"]]
+    ranking_prompts = [] if rankings is None else list(rankings["prompt"])
+    all_shas = [*pairs["image_w"], *pairs["image_l"], *(sha for images in ranking_lists for sha in images)]
+    image_row = {sha: row for row, sha in enumerate(dict.fromkeys(all_shas))}
+    prompt_row = {prompt: row for row, prompt in enumerate(dict.fromkeys([*pairs["prompt"], *ranking_prompts]))}
+    pair_prompt = pairs["prompt"].map(prompt_row).to_numpy(np.int64, copy=True)
+    data = RewardData(
+        split=name,
+        prompts=list(prompt_row),
+        images=_load_images(list(image_row), load_image, name, resize_to),
+        image_shas=list(image_row),
+        pair_prompt=pair_prompt,
+        pair_w=pairs["image_w"].map(image_row).to_numpy(np.int64, copy=True),
+        pair_l=pairs["image_l"].map(image_row).to_numpy(np.int64, copy=True),
+        pair_label=pairs["label"].to_numpy(np.float32, copy=True),
+        pair_weight=per_prompt_weights(pair_prompt),
+        pair_ids=list(pairs["pair_id"]) if "pair_id" in pairs.columns else [None] * len(pairs),
+    )
+    if ranking_lists:
+        width = max(len(images) for images in ranking_lists)
+        data.ranking_images = np.zeros((len(ranking_lists), width), dtype=np.int64)
+        data.ranking_mask = np.zeros((len(ranking_lists), width), dtype=bool)
+        for row, images in enumerate(ranking_lists):
+            data.ranking_images[row, : len(images)] = [image_row[sha] for sha in images]
+            data.ranking_mask[row, : len(images)] = True
+        data.ranking_prompt = np.array([prompt_row[p] for p in ranking_prompts], dtype=np.int64)
+        data.ranking_weight = per_prompt_weights(data.ranking_prompt)
+    return data
+
+
+# -------------------------------------------------------------------------------------- device tensors
+@dataclass
+class _SplitTensors:
+    """A split's prompts (tokenized once) and images (uint8, model size) on the model's device."""
+
+    data: RewardData
+    input_ids: Tensor
+    attention_mask: Tensor
+    pixels: Tensor
+
+    @classmethod
+    def of(cls, scorer: RewardScorer, data: RewardData) -> _SplitTensors:
+        input_ids, attention_mask = scorer.tokenize(data.prompts)
+        return cls(data, input_ids, attention_mask, scorer.uint8_pixels(data.images))
+
+
+def _embed_text_rows(scorer: RewardScorer, tensors: _SplitTensors, rows: Tensor) -> Tensor:
+    """Embeddings for prompt ``rows`` (repeats allowed), each distinct prompt encoded once."""
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    return scorer.text_embeddings(tensors.input_ids[unique], tensors.attention_mask[unique])[inverse]
+
+
+def _embed_image_rows(scorer: RewardScorer, tensors: _SplitTensors, rows: Tensor) -> Tensor:
+    """Embeddings for image ``rows`` of any shape ``(...)`` -> ``(..., D)``, each distinct image encoded once."""
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    return scorer.image_embeddings(scorer.normalise(tensors.pixels[unique]))[inverse]
+
+
+# ------------------------------------------------------------------------------------------ the losses
+def _pair_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray) -> tuple[Tensor, float]:
+    """Weighted mean BT loss of pair ``rows`` (ties with the soft label) and the batch's accuracy."""
+    data, device = tensors.data, tensors.pixels.device
+    text = _embed_text_rows(scorer, tensors, torch.from_numpy(data.pair_prompt[rows]).to(device))
+    image_rows = torch.from_numpy(np.stack([data.pair_w[rows], data.pair_l[rows]])).to(device)
+    image_w, image_l = _embed_image_rows(scorer, tensors, image_rows)
+    scale = scorer.logit_scale()
+    score_w, score_l = scale * (text * image_w).sum(-1), scale * (text * image_l).sum(-1)
+    label = torch.from_numpy(data.pair_label[rows]).to(device)
+    weight = torch.from_numpy(data.pair_weight[rows]).to(device)
+    loss = (bradley_terry_loss(score_w, score_l, label=label) * weight).mean()
+    decided = label == WIN
+    accuracy = float((score_w > score_l)[decided].float().mean()) if bool(decided.any()) else math.nan
+    return loss, accuracy
+
+
+def _ranking_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray) -> Tensor:
+    """Weighted mean Plackett–Luce loss of ranking ``rows``."""
+    data, device = tensors.data, tensors.pixels.device
+    assert data.ranking_prompt is not None and data.ranking_images is not None  # checked by the caller
+    text = _embed_text_rows(scorer, tensors, torch.from_numpy(data.ranking_prompt[rows]).to(device))
+    images = _embed_image_rows(scorer, tensors, torch.from_numpy(data.ranking_images[rows]).to(device))
+    scores = scorer.logit_scale() * (text[:, None, :] * images).sum(-1)
+    mask = torch.from_numpy(data.ranking_mask[rows]).to(device)
+    weight = torch.from_numpy(data.ranking_weight[rows]).to(device)
+    return (plackett_luce_loss(scores, mask=mask) * weight).mean()
+
+
+def _batches(n_items: int, batch_size: int, *, seed: int, purpose: str) -> Iterator[np.ndarray]:
+    """Endless batches of item rows: each epoch is a fresh permutation keyed by (seed, purpose, epoch)."""
+    epoch = 0
+    while True:
+        order = np.random.default_rng(derive_seed(seed, purpose, epoch)).permutation(n_items)
+        for start in range(0, n_items - min(batch_size, n_items) + 1, min(batch_size, n_items)):
+            yield order[start : start + batch_size]
+        epoch += 1
+
+
+# ------------------------------------------------------------------------------------------- scoring
+@dataclass
+class PairScores:
+    """Scores of every example of a split, in the split's order (for the Bayes rate, plots, audits).
+
+    Attributes:
+        score_w, score_l: ``(P,)`` scores of each pair's preferred (first, for ties) and other image.
+        label: ``(P,)`` 1.0 or 0.5, as in the data.
+        ranking_scores: ``(R, K)`` scores of the ranked images (padding entries are meaningless), or None.
+    """
+
+    score_w: np.ndarray
+    score_l: np.ndarray
+    label: np.ndarray
+    ranking_scores: np.ndarray | None = None
+
+
+@torch.no_grad()
+def _all_embeddings(scorer: RewardScorer, tensors: _SplitTensors, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Unit text embeddings of every prompt and image embeddings of every image of the split."""
+    n_prompts, n_images = len(tensors.input_ids), len(tensors.pixels)
+    text = [scorer.text_embeddings(tensors.input_ids[i : i + batch_size], tensors.attention_mask[i : i + batch_size])
+            for i in range(0, n_prompts, batch_size)]
+    image = [scorer.image_embeddings(scorer.normalise(tensors.pixels[i : i + batch_size]))
+             for i in range(0, n_images, batch_size)]
+    return torch.cat(text), torch.cat(image)
+
+
+@torch.no_grad()
+def _score_tensors(scorer: RewardScorer, tensors: _SplitTensors, batch_size: int = 512) -> PairScores:
+    was_training = scorer.model.training
+    scorer.model.eval()
+    try:
+        text, image = _all_embeddings(scorer, tensors, batch_size)
+        scale = scorer.logit_scale()
+    finally:
+        scorer.model.train(was_training)
+    data, device = tensors.data, text.device
+
+    def rows(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(array).to(device)
+
+    prompt_text = text[rows(data.pair_prompt)]
+    score_w = scale * (prompt_text * image[rows(data.pair_w)]).sum(-1)
+    score_l = scale * (prompt_text * image[rows(data.pair_l)]).sum(-1)
+    ranking_scores = None
+    if data.ranking_prompt is not None and data.ranking_images is not None:
+        ranked = image[rows(data.ranking_images)]
+        ranking_scores = (scale * (text[rows(data.ranking_prompt)][:, None, :] * ranked).sum(-1)).cpu().numpy()
+    return PairScores(score_w.cpu().numpy(), score_l.cpu().numpy(), data.pair_label.copy(), ranking_scores)
+
+
+def score_split(scorer: RewardScorer, data: RewardData, *, batch_size: int = 512) -> PairScores:
+    """Scores of every pair (and ranking) of ``data``; each prompt and image is encoded once."""
+    return _score_tensors(scorer, _SplitTensors.of(scorer, data), batch_size)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def pairwise_accuracy(score_w: np.ndarray, score_l: np.ndarray, label: np.ndarray) -> tuple[float | None, int, int]:
+    """Share of decided pairs (label 1.0) ranked right, equal scores counting half; ties are excluded.
+
+    Returns:
+        ``(accuracy or None when no pair is decided, decided pairs, ties excluded)``.
+    """
+    decided = label == WIN
+    n_pairs, n_ties = int(decided.sum()), int((~decided).sum())
+    if n_pairs == 0:
+        return None, 0, n_ties
+    gap = score_w[decided] - score_l[decided]
+    return float(((gap > 0) + 0.5 * (gap == 0)).mean()), n_pairs, n_ties
+
+
+def ranking_metrics(ranking_scores: np.ndarray, mask: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean Kendall τ (τ-a, score ties count 0) between scores and the true order, and top-1 accuracy."""
+    taus, top1 = [], []
+    for scores, valid in zip(ranking_scores, mask, strict=True):
+        scores = scores[valid]
+        if len(scores) < 2:
+            continue
+        # True order is the column order (best first): a pair i < j is concordant when s_i > s_j.
+        upper = np.triu(np.sign(scores[:, None] - scores[None, :]), k=1)
+        taus.append(upper.sum() / (len(scores) * (len(scores) - 1) / 2))
+        top1.append(float(np.argmax(scores) == 0))
+    if not taus:
+        return None, None
+    return float(np.mean(taus)), float(np.mean(top1))
+
+
+def calibration_bins(
+    score_w: np.ndarray, score_l: np.ndarray, label: np.ndarray, *, bins: int = CALIBRATION_BINS
+) -> dict[str, list[float | None] | list[int]]:
+    """Reliability table of the predicted P(w ≻ l) = σ(s_w − s_l) on decided pairs.
+
+    Each pair enters in both orientations, (σ(Δ), won) and (σ(−Δ), lost), so the table is symmetric about
+    ½ and does not depend on which image the data happens to list first. Empty bins give None.
+
+    Returns:
+        ``{"pred": mean prediction per bin, "observed": share of wins per bin, "count": points per bin}``.
+    """
+    decided = label == WIN
+    gap = (score_w[decided] - score_l[decided]).astype(np.float64)
+    predicted = np.concatenate([1 / (1 + np.exp(-gap)), 1 / (1 + np.exp(gap))])
+    outcome = np.concatenate([np.ones_like(gap), np.zeros_like(gap)])
+    which = np.minimum((predicted * bins).astype(int), bins - 1)
+    table: dict[str, list[Any]] = {"pred": [], "observed": [], "count": []}
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        table["count"].append(count)
+        table["pred"].append(float(predicted[members].mean()) if count else None)
+        table["observed"].append(float(outcome[members].mean()) if count else None)
+    return table
+
+
+def expected_calibration_error(table: dict[str, list[Any]]) -> float | None:
+    """Count-weighted mean |pred − observed| over the non-empty bins of ``calibration_bins``."""
+    total = sum(table["count"])
+    if total == 0:
+        return None
+    return float(sum(c * abs(p - o) for p, o, c in zip(table["pred"], table["observed"], table["count"], strict=True)
+                     if c) / total)
+
+
+def _metrics_of(scores: PairScores, data: RewardData) -> dict[str, Any]:
+    accuracy, n_pairs, n_ties = pairwise_accuracy(scores.score_w, scores.score_l, scores.label)
+    kendall_tau = top1 = None
+    if scores.ranking_scores is not None and data.ranking_mask is not None:
+        kendall_tau, top1 = ranking_metrics(scores.ranking_scores, data.ranking_mask)
+    table = calibration_bins(scores.score_w, scores.score_l, scores.label)
+    return {
+        "pairwise_accuracy": accuracy,
+        "n_pairs": n_pairs,
+        "n_ties_excluded": n_ties,
+        "kendall_tau": kendall_tau,
+        "top1_accuracy": top1,
+        "n_rankings": data.n_rankings,
+        "expected_calibration_error": expected_calibration_error(table),
+        "calibration": table,
+    }
+
+
+def evaluate_reward(scorer: RewardScorer, data: RewardData) -> tuple[dict[str, Any], PairScores]:
+    """Held-out metrics of a reward model (the keys of ``reports/reward.json``) and the per-pair scores.
+
+    Build ``data`` with ``keep_ties=True`` so that ``n_ties_excluded`` counts the split's ties.
+
+    Returns:
+        ``(metrics, scores)``. ``metrics``: pairwise_accuracy (ties excluded; None without decided pairs),
+        n_pairs (decided pairs scored), n_ties_excluded, kendall_tau and top1_accuracy (None without
+        rankings), n_rankings, expected_calibration_error and calibration (``calibration_bins``).
+        ``scores``: ``PairScores`` in ``data``'s pair order, e.g. for the oracle's Bayes rate.
+    """
+    scores = score_split(scorer, data)
+    return _metrics_of(scores, data), scores
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainResult:
+    """Outcome of ``train_reward_model``; the scorer holds the best weights on return.
+
+    Attributes:
+        best_val_accuracy: validation pairwise accuracy of the kept weights (NaN if val has no decided pairs).
+        steps_run: optimizer steps taken (fewer than ``cfg.steps`` after early stopping).
+        history: per step ``step``, ``loss``, ``lr``, ``logit_scale``; per evaluation ``eval_step``,
+            ``val_accuracy``, ``val_loss``.
+        best_step: the step whose weights were kept.
+    """
+
+    best_val_accuracy: float
+    steps_run: int
+    history: dict[str, list[float]]
+    best_step: int = 0
+
+
+class _BestWeights:
+    """Early stopping on validation accuracy, with the validation loss breaking ties.
+
+    Accuracy saturates (often at 1.0 on clean data) long before the model stops improving, and a loss
+    tie-break keeps selecting the better-calibrated weights in that regime.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.key: tuple[float, float] | None = None
+        self.state: dict[str, Tensor] = {}
+        self.accuracy, self.step, self.stale = math.nan, 0, 0
+
+    def update(self, model: torch.nn.Module, accuracy: float, loss: float, step: int) -> bool:
+        key = (accuracy if math.isfinite(accuracy) else -math.inf, -loss)
+        # A diverged model (NaN loss) never counts as better: NaN compares False, which would keep it.
+        if not math.isfinite(loss) or (self.key is not None and key <= self.key):
+            self.stale += 1
+            return False
+        self.key, self.accuracy, self.step, self.stale = key, accuracy, step, 0
+        self.state = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+        return True
+
+    @property
+    def exhausted(self) -> bool:
+        return self.stale >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.state:
+            model.load_state_dict(self.state)
+
+
+def _optimizer(
+    model: torch.nn.Module, cfg: RewardConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on biases, norms and logit_scale); linear warmup over 5% of steps, then cosine."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    warmup = max(1, round(WARMUP_FRACTION * cfg.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _loss_parts(cfg: RewardConfig, train: RewardData) -> tuple[bool, bool]:
+    """Whether the configured loss uses pairs and/or rankings; PL without rankings is an error."""
+    use_pairs, use_rankings = cfg.loss in ("bt", "mixed"), cfg.loss in ("pl", "mixed")
+    if use_rankings and train.n_rankings == 0:
+        raise ValueError(f"reward.loss={cfg.loss!r} needs rankings, but the {train.split!r} split has none; use 'bt'")
+    return use_pairs, use_rankings
+
+
+def _validate(scorer: RewardScorer, tensors: _SplitTensors) -> tuple[float, float]:
+    """Validation pairwise accuracy (NaN without decided pairs) and weighted BT loss (ties soft)."""
+    scores = _score_tensors(scorer, tensors)
+    accuracy, _, _ = pairwise_accuracy(scores.score_w, scores.score_l, scores.label)
+    losses = bradley_terry_loss(torch.from_numpy(scores.score_w), torch.from_numpy(scores.score_l),
+                                label=torch.from_numpy(scores.label))
+    loss = float((losses * torch.from_numpy(tensors.data.pair_weight)).mean())
+    return (math.nan if accuracy is None else accuracy), loss
+
+
+def _train_step(
+    scorer: RewardScorer,
+    tensors: _SplitTensors,
+    pair_rows: np.ndarray | None,
+    ranking_rows: np.ndarray | None,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+) -> dict[str, float]:
+    """One optimizer step on the mean of the active losses ("mixed" = mean of BT and PL)."""
+    losses, metrics = [], {}
+    if pair_rows is not None:
+        loss_bt, metrics["accuracy"] = _pair_batch_loss(scorer, tensors, pair_rows)
+        losses.append(loss_bt)
+        metrics["loss_bt"] = loss_bt.item()
+    if ranking_rows is not None:
+        loss_pl = _ranking_batch_loss(scorer, tensors, ranking_rows)
+        losses.append(loss_pl)
+        metrics["loss_pl"] = loss_pl.item()
+    loss = torch.stack(losses).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+    metrics["lr"] = schedule.get_last_lr()[0]
+    optimizer.step()
+    schedule.step()
+    with torch.no_grad():
+        scorer.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+    metrics["loss"] = loss.item()
+    metrics["logit_scale"] = scorer.logit_scale().item()
+    return metrics
+
+
+def _row_streams(
+    cfg: RewardConfig, train: RewardData, use_pairs: bool, use_rankings: bool, seed: int
+) -> tuple[Iterator[np.ndarray] | None, Iterator[np.ndarray] | None]:
+    """Batch streams of trainable pair rows (ties only when keep_ties) and of ranking rows."""
+    pairs = rankings = None
+    if use_pairs:
+        rows = np.arange(train.n_pairs) if cfg.keep_ties else np.flatnonzero(train.pair_label == WIN)
+        if len(rows) == 0:
+            raise ValueError(f"the {train.split!r} split has no pairs to train on with keep_ties={cfg.keep_ties}")
+        pairs = (rows[batch] for batch in _batches(len(rows), cfg.batch_size, seed=seed, purpose="reward-pairs"))
+    if use_rankings:
+        assert train.ranking_images is not None
+        # About as many images per step as a batch of pairs: 2·batch_size images over K per ranking.
+        per_batch = max(1, round(2 * cfg.batch_size / train.ranking_images.shape[1]))
+        rankings = _batches(train.n_rankings, per_batch, seed=seed, purpose="reward-rankings")
+    return pairs, rankings
+
+
+def train_reward_model(
+    scorer: RewardScorer,
+    cfg: RewardConfig,
+    train: RewardData,
+    val: RewardData,
+    *,
+    seed: int,
+    log_metrics: MetricsFn | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``scorer`` in place with the configured loss; early stopping on validation accuracy.
+
+    Args:
+        scorer: the model to train (its trainable parameters are those with ``requires_grad``).
+        cfg: ``reward`` section: loss (bt | pl | mixed), keep_ties, steps, lr, batch_size (pairs per step),
+            eval_every, patience (evaluations without improvement before stopping).
+        train, val: splits from ``RewardData.from_tables``.
+        seed: seeds torch and the keyed batch order.
+        log_metrics: ``(metrics, step)`` callback, e.g. ``Tracker.log_metrics`` (``train/*`` every 10 steps,
+            ``eval/*`` at each evaluation).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``TrainResult``; the scorer holds the best validation weights, in eval mode.
+    """
+    torch.manual_seed(seed)
+    use_pairs, use_rankings = _loss_parts(cfg, train)
+    pair_stream, ranking_stream = _row_streams(cfg, train, use_pairs, use_rankings, seed)
+    train_tensors, val_tensors = _SplitTensors.of(scorer, train), _SplitTensors.of(scorer, val)
+    optimizer, schedule = _optimizer(scorer.model, cfg)
+    best, history = _BestWeights(cfg.patience), {key: [] for key in ("step", "loss", "lr", "logit_scale")}
+    log.info("reward training: loss=%s, %d train pairs, %d rankings, %d val pairs, up to %d steps of %d pairs",
+             cfg.loss, train.n_pairs, train.n_rankings, val.n_pairs, cfg.steps, cfg.batch_size)
+    scorer.model.train()
+    steps_run, bar = 0, tqdm(range(cfg.steps), desc="train reward", disable=not progress, mininterval=2)
+    for step in bar:
+        metrics = _train_step(scorer, train_tensors, next(pair_stream) if pair_stream else None,
+                              next(ranking_stream) if ranking_stream else None, optimizer, schedule)
+        steps_run = step + 1
+        for key in ("loss", "lr", "logit_scale"):
+            history[key].append(metrics[key])
+        history["step"].append(float(steps_run))
+        if log_metrics and step % LOG_EVERY == 0:
+            log_metrics({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, steps_run)
+        if steps_run % cfg.eval_every == 0 or steps_run == cfg.steps:
+            if _evaluate_and_check(scorer, val_tensors, best, history, steps_run, log_metrics, bar):
+                log.info("early stopping at step %d: no better validation for %d evaluations", steps_run, cfg.patience)
+                break
+    best.restore(scorer.model)
+    scorer.model.eval()
+    log.info("reward training done: %d steps, best validation accuracy %.4f at step %d", steps_run, best.accuracy,
+             best.step)
+    return TrainResult(best.accuracy, steps_run, history, best.step)
+
+
+def _evaluate_and_check(
+    scorer: RewardScorer,
+    val_tensors: _SplitTensors,
+    best: _BestWeights,
+    history: dict[str, list[float]],
+    step: int,
+    log_metrics: MetricsFn | None,
+    bar: Any,
+) -> bool:
+    """Validate, record, keep the weights if better; True when patience is exhausted."""
+    accuracy, loss = _validate(scorer, val_tensors)
+    best.update(scorer.model, accuracy, loss, step)
+    for key, value in (("eval_step", float(step)), ("val_accuracy", accuracy), ("val_loss", loss)):
+        history.setdefault(key, []).append(value)
+    if log_metrics:
+        log_metrics({k: v for k, v in {"eval/pairwise_accuracy": accuracy, "eval/loss": loss}.items()
+                     if math.isfinite(v)}, step)
+    bar.set_postfix(val_acc=f"{accuracy:.3f}", best=f"{best.accuracy:.3f}", refresh=False)
+    return best.exhausted
