@@ -100,7 +100,8 @@ def data_validate(
 
     cfg = _config(params, None)
     try:
-        result = validate_preferences(input, cfg.validation, report_path=report, docs_dir=report.parent / "data_docs")
+        result = validate_preferences(input, cfg.validation, report_path=report, docs_dir=report.parent / "data_docs",
+                                      data=cfg.data)
     except DataUnreadableError as err:
         typer.secho(str(err), fg="red", err=True)
         raise typer.Exit(2) from None

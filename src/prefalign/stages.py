@@ -147,7 +147,7 @@ def run_validate(cfg: PipelineConfig) -> dict[str, Any]:
     report_path = _p(cfg, "reports") / "validation.json"
     with stage_run(cfg, "validate", out_dir=out, upstream=[_p(cfg, "preferences")]) as tracker:
         report = validate_preferences(_p(cfg, "preferences"), cfg.validation, report_path=report_path,
-                                      docs_dir=out / "data_docs")
+                                      docs_dir=out / "data_docs", data=cfg.data)
         tracker.log_artifact(report_path)
         tracker.log_metrics({"validate/success": float(report.success),
                              "validate/failed_expectations": float(len(report.failures()))})

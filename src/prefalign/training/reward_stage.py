@@ -1,0 +1,110 @@
+"""The reward stage's glue: data from the canonical tables, training, the report, expert selection."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from prefalign.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def _tables(cfg: PipelineConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    prefs = cfg.paths.resolve("preferences")
+    rankings_path = prefs / "rankings.parquet"
+    rankings = pd.read_parquet(rankings_path) if rankings_path.is_file() else None
+    return pd.read_parquet(prefs / "pairs.parquet"), rankings
+
+
+def _scorer(cfg: PipelineConfig):
+    from prefalign.models.reward_model import load_backbone
+
+    tokenizer = None
+    if cfg.reward.backbone == "tiny":
+        from prefalign.models.text import build_tokenizer
+        from prefalign.world.grammar import vocabulary_words
+
+        tokenizer = build_tokenizer(vocabulary_words())
+    return load_backbone(cfg.reward.backbone, tokenizer=tokenizer, image_size=cfg.model.resolution,
+                         embed_dim=cfg.reward.embed_dim, seed=cfg.seed)
+
+
+def bayes_of_split(cfg: PipelineConfig, data, scores) -> float | None:
+    """Accuracy of the true oracle on the same held-out pairs (demo world only), ties excluded."""
+    if cfg.model.preset != "demo":
+        return None
+    from prefalign.world.annotators import bayes_accuracy
+    from prefalign.world.oracle import oracle_scores
+
+    decided = scores.label == 1.0
+    prompts = [data.prompts[i] for i in data.pair_prompt[decided]]
+    oracle_w = oracle_scores(prompts, data.images[data.pair_w[decided]])
+    oracle_l = oracle_scores(prompts, data.images[data.pair_l[decided]])
+    return float(bayes_accuracy(oracle_w, oracle_l, tau=cfg.world.annotator_tau))
+
+
+def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]:
+    """Train on train, early-stop on val, report on test; the model is saved to ``out`` (CLIPModel format)."""
+    from prefalign.data.schema import ImageStore
+    from prefalign.evaluation.figures import calibration_plot, loss_curve
+    from prefalign.training.reward import RewardData, evaluate_reward, train_reward_model
+
+    pairs, rankings = _tables(cfg)
+    load = ImageStore(cfg.paths.resolve("preferences")).load_array
+    size = cfg.model.resolution
+    splits = {s: RewardData.from_tables(pairs, rankings, load, keep_ties=keep, split=s, resize_to=size)
+              for s, keep in (("train", cfg.reward.keep_ties), ("val", True), ("test", True))}
+    scorer = _scorer(cfg)
+    result = train_reward_model(scorer, cfg.reward, splits["train"], splits["val"], seed=cfg.seed,
+                                log_metrics=tracker.log_metrics)
+    scorer.save(out)
+    metrics, scores = evaluate_reward(scorer, splits["test"])
+    report = {**metrics, "bayes_accuracy": bayes_of_split(cfg, splits["test"], scores),
+              "best_val_accuracy": result.best_val_accuracy, "steps_run": result.steps_run, "loss": cfg.reward.loss}
+    calibration = metrics["calibration"]
+    figures = [calibration_plot(np.asarray(calibration["pred"], dtype=float), np.asarray(calibration["observed"], dtype=float),
+                                out / "calibration.png"),
+               loss_curve({k: result.history[k] for k in ("loss", "val_accuracy") if result.history.get(k)},
+                          out / "reward_training.png", title="reward model training")]
+    for path in figures:
+        tracker.log_artifact(path, "figures")
+    log.info("reward: held-out accuracy %s on %d pairs, Bayes rate %s", report["pairwise_accuracy"], report["n_pairs"],
+             report["bayes_accuracy"])
+    return report
+
+
+def select_experts(cfg: PipelineConfig) -> pd.DataFrame:
+    """Diffusion-DRO's expert demonstrations: the top-K train images by the reward model, capped per prompt.
+
+    Returns:
+        DataFrame with columns image (sha), prompt, reward, best first.
+
+    Raises:
+        ValueError: K is larger than the pool of candidate images.
+    """
+    from prefalign.data.schema import ImageStore
+    from prefalign.models.reward_model import RewardScorer
+
+    pairs, rankings = _tables(cfg)
+    train = pairs[pairs.split == "train"]
+    candidates = pd.concat([train[["prompt", "image_w"]].rename(columns={"image_w": "image"}),
+                            train[["prompt", "image_l"]].rename(columns={"image_l": "image"})])
+    if rankings is not None:
+        ranked = rankings[rankings.split == "train"].explode("images").rename(columns={"images": "image"})
+        candidates = pd.concat([candidates, ranked[["prompt", "image"]]])
+    candidates = candidates.drop_duplicates().reset_index(drop=True)
+    capped_pool = int(candidates.groupby("prompt").size().clip(upper=cfg.dro.per_prompt_cap).sum())
+    if cfg.dro.top_k > capped_pool:
+        raise ValueError(f"dro.top_k={cfg.dro.top_k} is larger than the pool of {capped_pool} candidate images "
+                         f"(train split, at most dro.per_prompt_cap={cfg.dro.per_prompt_cap} per prompt)")
+    store = ImageStore(cfg.paths.resolve("preferences"))
+    images = np.stack([store.load_array(sha) for sha in candidates.image])
+    candidates["reward"] = RewardScorer.load(cfg.paths.resolve("reward")).score(candidates.prompt.tolist(), images)
+    ranked = candidates.sort_values("reward", ascending=False, kind="stable")
+    capped = ranked[ranked.groupby("prompt").cumcount() < cfg.dro.per_prompt_cap]
+    return capped.head(cfg.dro.top_k).reset_index(drop=True)

@@ -1,0 +1,94 @@
+"""Every run_<stage> in-process on a tiny config, in a temporary repo root, with real MLflow tracking."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from prefalign.config import load_config
+from prefalign.stages import STAGES, run_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ran(pipeline_root, tiny_overrides):
+    cfg = load_config(pipeline_root / "params.yaml", tiny_overrides)
+    summaries = {name: run_stage(name, cfg) for name in STAGES}
+    return cfg, summaries
+
+
+def test_every_stage_writes_its_outputs(ran, pipeline_root):
+    cfg, summaries = ran
+    assert set(summaries) == set(STAGES)
+    assert (pipeline_root / "models/base/model_index.json").is_file()
+    assert (pipeline_root / "data/preferences/pairs.parquet").is_file()
+    assert (pipeline_root / "data/features/latents.safetensors").is_file()
+    assert (pipeline_root / "models/dpo/pytorch_lora_weights.safetensors").is_file()
+    assert (pipeline_root / "models/dro/unet/diffusion_pytorch_model.safetensors").is_file()
+    assert (pipeline_root / "reports/validation.json").is_file()
+
+
+def test_each_stage_records_its_mlflow_run(ran, pipeline_root):
+    for out in ("data/world", "models/base", "data/preferences", "data/features", "models/reward", "models/dpo",
+                "models/dro", "reports/eval", "reports/validation"):
+        run = json.loads((pipeline_root / out / "run.json").read_text())
+        assert run["run_id"], out
+
+
+def test_eval_report_has_the_stable_keys(ran, pipeline_root):
+    report = json.loads((pipeline_root / "reports/eval.json").read_text())
+    assert report["metric_primary"] == "oracle"
+    assert set(report["models"]) == {"base", "dpo", "dro"}
+    for model in report["models"].values():
+        assert {"oracle_mean", "reward_mean"} <= set(model)
+    for key in ("dpo_vs_base", "dro_vs_base", "dro_vs_dpo"):
+        for metric in ("oracle", "reward"):
+            result = report["win_rates"][key][metric]
+            assert result["ci_low"] <= result["rate"] <= result["ci_high"]
+    assert report["n_prompts"] == 4 and report["images_per_prompt"] == 2
+    assert (pipeline_root / "reports/eval/samples.png").is_file()
+
+
+def test_reward_report_keys(ran, pipeline_root):
+    report = json.loads((pipeline_root / "reports/reward.json").read_text())
+    for key in ("pairwise_accuracy", "n_pairs", "n_ties_excluded", "bayes_accuracy", "kendall_tau", "top1_accuracy"):
+        assert key in report
+
+
+def test_policies_load_with_stock_diffusers(ran, pipeline_root):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_root / "models/base", safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.load_lora_weights(pipeline_root / "models/dpo")
+    image = pipe("a small red circle at the center on a black background", num_inference_steps=2, height=16, width=16,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
+
+
+def test_validation_gate_stops_bad_data(ran, pipeline_root):
+    import pandas as pd
+
+    from prefalign.stages import DataValidationError
+
+    cfg, _ = ran
+    pairs_path = pipeline_root / "data/preferences/pairs.parquet"
+    original = pairs_path.read_bytes()
+    try:
+        pairs = pd.read_parquet(pairs_path)
+        pairs.loc[0, "image_l"] = pairs.loc[0, "image_w"]
+        pairs.to_parquet(pairs_path, index=False)
+        with pytest.raises(DataValidationError, match="image_w"):
+            run_stage("validate", cfg)
+    finally:
+        pairs_path.write_bytes(original)
