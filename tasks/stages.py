@@ -23,30 +23,11 @@ from typing import Any, Literal
 from prefect import get_run_logger, task
 
 from prefalign import stages
-from prefalign.config import PipelineConfig, load_config
+from prefalign.config import load_config
 from prefalign.tracking import read_run_id
 
-# The folder each stage hands to stage_run as out_dir, i.e. where its run.json lands.
-# TODO(lead): this mirrors prefalign/stages.py; move it there (e.g. stages.stage_out_dir) to keep one copy.
-STAGE_OUTPUTS: dict[str, tuple[str, str]] = {
-    "world": ("world", ""),
-    "pretrain_base": ("base_model", ""),
-    "ingest": ("preferences", ""),
-    "validate": ("reports", "validation"),
-    "featurize": ("features", ""),
-    "train_reward": ("reward", ""),
-    "train_dpo": ("dpo", ""),
-    "train_dro": ("dro", ""),
-    "evaluate": ("reports", "eval"),
-}
 _SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for an up-to-date stage
 _TAIL_LINES = 60
-
-
-def stage_out_dir(stage: str, cfg: PipelineConfig) -> Path:
-    """The folder holding ``stage``'s run.json."""
-    name, sub = STAGE_OUTPUTS[stage]
-    return cfg.paths.resolve(name) / sub
 
 
 def dvc_repro(stage: str, root: Path) -> str:
@@ -89,5 +70,5 @@ def run_stage_task(
         raise ValueError(f"dvc mode reads <repo>/params.yaml; got {params_path}")
     else:
         summary, skipped = None, _SKIPPED in dvc_repro(stage, Path(cfg.paths.root))
-    return {"stage": stage, "mode": mode, "run_id": read_run_id(stage_out_dir(stage, cfg)), "skipped": skipped,
+    return {"stage": stage, "mode": mode, "run_id": read_run_id(stages.stage_out_dir(stage, cfg)), "skipped": skipped,
             "summary": summary}

@@ -99,7 +99,7 @@ class DataConfig(Section):
     pool_prompts: PositiveInt = Field(540, description="Demo: prompts in the preference pool (all if larger).")
     pool_base_samples: NonNegativeInt = Field(4, description="Demo: base-model samples per prompt.")
     pool_renderings: NonNegativeInt = Field(2, description="Demo: corrupted renderings per prompt ('other models').")
-    pool_pairs_per_prompt: PositiveInt = Field(6, description="Demo: pairs drawn per prompt from its images.")
+    pool_pairs_per_prompt: PositiveInt = Field(12, description="Demo: pairs drawn per prompt from its images.")
     pool_sample_steps: PositiveInt = Field(20, description="Demo: sampler steps for base-model samples.")
     pool_guidance: NonNegativeFloat = Field(3.0, description="Demo: guidance scale of base-model samples.")
 
@@ -168,11 +168,14 @@ class LoraConfig(Section):
 class DPOConfig(Section):
     """Offline Diffusion-DPO (Wallace et al. 2024), β in the original code's convention."""
 
-    beta: PositiveFloat = Field(2000.0, description="β with mean-reduced errors and the -1/2 factor of the paper code.")
+    beta: PositiveFloat = Field(
+        500.0,
+        description="β with mean-reduced errors and the -1/2 factor of the paper code (SD1.5/SDXL: 2000-5000).",
+    )
     variant: DPOVariant = Field("sigmoid", description="sigmoid (paper), hinge or ipo.")
     lr: PositiveFloat = Field(1e-3, description="Learning rate.")
     steps: PositiveInt = Field(400, description="Optimizer steps.")
-    batch_size: PositiveInt = Field(32, description="Pairs per micro-batch.")
+    batch_size: PositiveInt = Field(64, description="Pairs per micro-batch.")
     grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps.")
     max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")

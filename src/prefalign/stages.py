@@ -27,6 +27,26 @@ STAGES: tuple[str, ...] = (
 )
 
 
+# Where each stage's run.json lands: (paths entry, subfolder). The one copy; tasks and tests read it here.
+STAGE_OUTPUTS: dict[str, tuple[str, str]] = {
+    "world": ("world", ""),
+    "pretrain_base": ("base_model", ""),
+    "ingest": ("preferences", ""),
+    "validate": ("reports", "validation"),
+    "featurize": ("features", ""),
+    "train_reward": ("reward", ""),
+    "train_dpo": ("dpo", ""),
+    "train_dro": ("dro", ""),
+    "evaluate": ("reports", "eval"),
+}
+
+
+def stage_out_dir(stage: str, cfg: PipelineConfig) -> Path:
+    """The folder holding ``stage``'s outputs and run.json."""
+    name, sub = STAGE_OUTPUTS[stage]
+    return cfg.paths.resolve(name) / sub
+
+
 class DataValidationError(RuntimeError):
     """The validation gate rejected the data; the report says why."""
 
@@ -70,7 +90,7 @@ def run_world(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.world.grammar import all_attributes, corrupt, prompt_of
     from prefalign.world.render import render
 
-    out = _fresh_dir(_p(cfg, "world"))
+    out = _fresh_dir(stage_out_dir("world", cfg))
     with stage_run(cfg, "world", out_dir=out) as tracker:
         attrs = all_attributes()
         table = pd.DataFrame([{**vars(a), "prompt": prompt_of(a)} for a in attrs])
@@ -104,23 +124,20 @@ def run_pretrain_base(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.model.preset != "demo":
         raise ValueError(f"pretrain_base trains the demo model only; preset {cfg.model.preset!r} loads a local folder")
     _torch_setup(cfg)
-    out = _fresh_dir(_p(cfg, "base_model"))
+    out = _fresh_dir(stage_out_dir("pretrain_base", cfg))
     world = np.load(_p(cfg, "world") / "pretrain.npz")
     with stage_run(cfg, "pretrain_base", out_dir=out, upstream=[_p(cfg, "world")]) as tracker:
         result = pretrain_base(world["images"], list(world["captions"]), vocabulary_words(), cfg.model, cfg.pretrain,
                                seed=cfg.seed, log_metrics=tracker.log_metrics)
         result.pipeline.save_pretrained(str(out), safe_serialization=True)
-        figures = out.parent / f"{out.name}_figures"
-        figures.mkdir(exist_ok=True)
-        prompts = pd.read_parquet(_p(cfg, "world") / "prompts.parquet").prompt.tolist()[:: max(1, 540 // 8)][:8]
+        every = pd.read_parquet(_p(cfg, "world") / "prompts.parquet").prompt.tolist()
+        prompts = every[:: max(1, len(every) // 8)][:8]
         flat, seeds, _ = eval_grid(prompts, 8, cfg.seed)
         samples = generate(result.pipeline, flat, seeds, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance,
                            resolution=cfg.model.resolution)
-        for path in (image_grid(samples, prompts, 8, figures / "base_samples.png", title="base model samples"),
-                     loss_curve(result.history, figures / "pretrain_loss.png", title="pretraining loss")):
-            shutil.copy(path, out / path.name)
-            _log_figure(tracker, path)
-        shutil.rmtree(figures)
+        # Figures sit beside the pipeline files: stock from_pretrained ignores them.
+        _log_figure(tracker, image_grid(samples, prompts, 8, out / "base_samples.png", title="base model samples"))
+        _log_figure(tracker, loss_curve(result.history, out / "pretrain_loss.png", title="pretraining loss"))
         final = {k: float(np.mean(v[-50:])) for k, v in result.history.items() if v}
         tracker.log_metrics({f"pretrain/final_{k}": v for k, v in final.items()})
     return {"final_losses": final}
@@ -131,7 +148,7 @@ def run_ingest(cfg: PipelineConfig) -> dict[str, Any]:
     """Build the canonical preference dataset (demo: renderings + base samples, judged by annotators)."""
     from prefalign.data.demo_pool import build_demo_pool
 
-    out = _fresh_dir(_p(cfg, "preferences"))
+    out = _fresh_dir(stage_out_dir("ingest", cfg))
     with stage_run(cfg, "ingest", out_dir=out, upstream=[_p(cfg, "base_model")]) as tracker:
         summary = build_demo_pool(cfg, out)
         tracker.log_metrics({f"ingest/{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)})
@@ -143,7 +160,7 @@ def run_validate(cfg: PipelineConfig) -> dict[str, Any]:
     """The Great Expectations gate: raises ``DataValidationError`` when the data is invalid."""
     from prefalign.data.validation import validate_preferences
 
-    out = _fresh_dir(_p(cfg, "reports") / "validation")
+    out = _fresh_dir(stage_out_dir("validate", cfg))
     report_path = _p(cfg, "reports") / "validation.json"
     with stage_run(cfg, "validate", out_dir=out, upstream=[_p(cfg, "preferences")]) as tracker:
         report = validate_preferences(_p(cfg, "preferences"), cfg.validation, report_path=report_path,
@@ -163,7 +180,7 @@ def run_featurize(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.training.features import compute_features
 
     _torch_setup(cfg)
-    out = _fresh_dir(_p(cfg, "features"))
+    out = _fresh_dir(stage_out_dir("featurize", cfg))
     with stage_run(cfg, "featurize", out_dir=out, upstream=[_p(cfg, "preferences"), _p(cfg, "base_model")]) as tracker:
         summary = compute_features(_p(cfg, "base_model"), _p(cfg, "preferences"), out, cfg.featurize)
         tracker.log_metrics({"featurize/images": summary["images"], "featurize/prompts": summary["prompts"]})
@@ -176,7 +193,7 @@ def run_train_reward(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.training.reward_stage import train_and_evaluate_reward
 
     _torch_setup(cfg)
-    out = _fresh_dir(_p(cfg, "reward"))
+    out = _fresh_dir(stage_out_dir("train_reward", cfg))
     with stage_run(cfg, "train_reward", out_dir=out, upstream=[_p(cfg, "preferences")]) as tracker:
         report = train_and_evaluate_reward(cfg, out, tracker)
         _write_json(_p(cfg, "reports") / "reward.json", report)
@@ -209,7 +226,7 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.training.policy import train_dpo
 
     _torch_setup(cfg)
-    out = _fresh_dir(_p(cfg, "dpo"))
+    out = _fresh_dir(stage_out_dir("train_dpo", cfg))
     with stage_run(cfg, "train_dpo", out_dir=out, upstream=[_p(cfg, "features"), _p(cfg, "base_model")]) as tracker:
         pairs = _load_pairs(cfg, "train")
         ties = int((pairs.label == 0.5).sum())
@@ -233,7 +250,7 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.training.reward_stage import select_experts
 
     _torch_setup(cfg)
-    out = _fresh_dir(_p(cfg, "dro"))
+    out = _fresh_dir(stage_out_dir("train_dro", cfg))
     init_dir = _p(cfg, "dpo") if cfg.dro.init_from == "dpo" else None
     upstream = [_p(cfg, "features"), _p(cfg, "reward")] + ([init_dir] if init_dir else [])
     with stage_run(cfg, "train_dro", out_dir=out, upstream=upstream) as tracker:
@@ -258,7 +275,7 @@ def run_evaluate(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.evaluation.report import evaluate_policies
 
     _torch_setup(cfg)
-    out = _fresh_dir(_p(cfg, "reports") / "eval")
+    out = _fresh_dir(stage_out_dir("evaluate", cfg))
     upstream = [_p(cfg, "dpo"), _p(cfg, "dro"), _p(cfg, "reward")]
     with stage_run(cfg, "evaluate", out_dir=out, upstream=upstream) as tracker:
         report = evaluate_policies(cfg, out, tracker)

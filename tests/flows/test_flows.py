@@ -48,7 +48,7 @@ def _write(path: Path, data: bytes | str) -> None:
 
 
 def make_fake_run_stage(valid: bool):
-    from tasks.stages import stage_out_dir
+    from prefalign.stages import stage_out_dir
 
     def fake_run_stage(name: str, cfg) -> dict:
         reports = cfg.paths.resolve("reports")
@@ -126,7 +126,7 @@ def test_direct_flow_runs_every_stage_registers_and_promotes(repo, monkeypatch):
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"]
     for stage in stages.STAGES:
-        from tasks.stages import stage_out_dir
+        from prefalign.stages import stage_out_dir
 
         run_id = read_run_id(stage_out_dir(stage, cfg))
         assert parent.data.tags[f"prefalign.stage_run.{stage}"] == run_id

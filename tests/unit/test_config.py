@@ -102,5 +102,7 @@ def test_dvc_yaml_agrees_with_stages_config_and_cli():
             model = PipelineConfig.model_fields[section].annotation
             if rest:
                 assert rest[0] in model.model_fields, f"{name}: params key {key} is not in the config"
+        outputs = {next(iter(o)) if isinstance(o, dict) else o for st in dvc.values() for o in st.get("outs", [])}
+        outputs |= {next(iter(m)) for st in dvc.values() for m in st.get("metrics", [])}
         for dep in stage.get("deps", []):
-            assert (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
+            assert dep in outputs or (ROOT / dep).exists(), f"{name}: dep {dep} is neither code nor a stage output"

@@ -76,7 +76,7 @@ def test_stage_run_records_run_json_tags_params_and_dataset(cfg, client, tmp_pat
     assert tags["prefalign.data_version"] == "unversioned"
     assert tags["prefalign.git_commit"]
     assert "prefect.flow_run_id" not in tags
-    assert run.data.params["dpo.beta"] == "2000.0"
+    assert run.data.params["dpo.beta"] == str(cfg.dpo.beta)
     assert run.data.params["dpo.lora.targets"] == json.dumps(list(cfg.dpo.lora.targets))
     assert run.data.params["reward.pairs_used"] == "10"
     assert client.get_metric_history(run.info.run_id, "loss")[0].step == 3
