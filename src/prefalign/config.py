@@ -174,8 +174,8 @@ class DPOConfig(Section):
     )
     variant: DPOVariant = Field("sigmoid", description="sigmoid (paper), hinge or ipo.")
     lr: PositiveFloat = Field(1e-3, description="Learning rate.")
-    steps: PositiveInt = Field(400, description="Optimizer steps.")
-    batch_size: PositiveInt = Field(64, description="Pairs per micro-batch.")
+    steps: PositiveInt = Field(600, description="Optimizer steps.")
+    batch_size: PositiveInt = Field(32, description="Pairs per micro-batch.")
     grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps.")
     max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
@@ -212,7 +212,7 @@ class EvalConfig(Section):
     """Evaluation of candidates against base and champion on held-out prompts with fixed seeds."""
 
     n_prompts: PositiveInt = Field(64, description="Held-out test prompts evaluated (all if fewer).")
-    images_per_prompt: PositiveInt = Field(4, description="Seeds per prompt.")
+    images_per_prompt: PositiveInt = Field(8, description="Seeds per prompt.")
     sample_steps: PositiveInt = Field(20, description="Sampler steps.")
     guidance: NonNegativeFloat = Field(3.0, description="Classifier-free guidance scale.")
     bootstrap: PositiveInt = Field(2000, description="Bootstrap resamples of prompts for the 95% interval.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +80,10 @@ def _torch_setup(cfg: PipelineConfig) -> None:
     from prefalign.seeding import seed_everything
 
     seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # Two processes with two threads each on two cores run ~20x slower than one (OpenMP spin-waits):
+    # OMP_NUM_THREADS caps a stage when something else shares the machine.
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # --------------------------------------------------------------------------------------------------- world

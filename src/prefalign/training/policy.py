@@ -108,7 +108,7 @@ def train_dpo(
             errs = pair_denoising_errors(unet, scheduler, feats.latents[rows_w[items]], feats.latents[rows_l[items]], cond, t, noise)
             loss = diffusion_dpo_loss(*errs, beta=cfg.beta, variant=cfg.variant).mean()
             (loss / cfg.grad_accum).backward()
-            for key, value in {"loss": float(loss), **dpo_metrics(*errs, beta=cfg.beta)}.items():
+            for key, value in {"loss": loss.item(), **dpo_metrics(*errs, beta=cfg.beta)}.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg.grad_accum
         step_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         step_metrics["lr"] = lr_sched.get_last_lr()[0]
@@ -185,7 +185,7 @@ def train_dro(
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         opt.step(), lr_sched.step(), opt.zero_grad(set_to_none=True)
-        metrics = {"loss": float(loss), "err_expert": float(err_expert.mean()), "ref_err_expert": float(ref_err_expert.mean()),
+        metrics = {"loss": loss.item(), "err_expert": float(err_expert.mean()), "ref_err_expert": float(ref_err_expert.mean()),
                    "err_policy": float(err_policy.mean()), "ref_err_policy": float(ref_err_policy.mean()),
                    "active": float(((err_expert - ref_err_expert) - (err_policy - ref_err_policy) + cfg.margin > 0).float().mean()),
                    "grad_norm": grad_norm}
