@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -75,15 +74,11 @@ def _log_figure(tracker: Tracker, path: Path) -> None:
 
 
 def _torch_setup(cfg: PipelineConfig) -> None:
-    import torch
-
     from prefalign.seeding import seed_everything
 
+    # torch takes its thread count from OMP_NUM_THREADS: set it to 1 per process when stages share the
+    # cores, since two 2-thread processes on 2 cores ran ~20x slower than one here (OpenMP spin-waits).
     seed_everything(cfg.seed)
-    # Two processes with two threads each on two cores run ~20x slower than one (OpenMP spin-waits):
-    # OMP_NUM_THREADS caps a stage when something else shares the machine.
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # --------------------------------------------------------------------------------------------------- world
