@@ -91,7 +91,8 @@ def eval_key_figures(reports_dir: str) -> dict[str, Any]:
     return {"metric": metric,
             "means": {name: values.get(f"{metric}_mean") for name, values in report["models"].items()},
             "win_rates": {key: {k: v[metric][k] for k in ("rate", "ci_low", "ci_high")}
-                          for key, v in report["win_rates"].items() if metric in v}}
+                          for key, v in report["win_rates"].items() if metric in v},
+            "figures": sorted(str(p) for p in (Path(reports_dir) / "eval").glob("*.png"))}
 
 
 def _figures_markdown(paths: list[Path]) -> str:
