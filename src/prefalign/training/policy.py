@@ -72,7 +72,8 @@ def drop_prompts(text_rows: torch.Tensor, sample_ids: np.ndarray, rate: float, e
     return torch.where(torch.tensor(drop), torch.full_like(text_rows, empty_row), text_rows)
 
 
-def make_optimizer(params, lr: float, steps: int, warmup: int):
+def make_optimizer(params, lr: float, warmup: int):
+    """AdamW with a linear warmup to ``lr``, then constant."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     return opt, sched
@@ -90,7 +91,7 @@ def train_dpo(
         raise ValueError("train_dpo: no training pairs (after dropping ties)")
     n_trainable = add_lora(unet, cfg.lora)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt, lr_sched = make_optimizer(params, cfg.lr, cfg.steps, cfg.warmup_steps)
+    opt, lr_sched = make_optimizer(params, cfg.lr, cfg.warmup_steps)
     scheduler = make_scheduler("ddpm")
     rows_w, rows_l, rows_c = feats.latent_rows(pairs_w), feats.latent_rows(pairs_l), feats.text_rows(prompts)
     global_batch = cfg.batch_size * cfg.grad_accum
@@ -156,7 +157,7 @@ def train_dro(
         raise ValueError("train_dro: no expert demonstrations")
     n_trainable = add_lora(unet, cfg.lora)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt, lr_sched = make_optimizer(params, cfg.lr, cfg.steps, 0)
+    opt, lr_sched = make_optimizer(params, cfg.lr, 0)
     scheduler = make_scheduler("ddpm")
     rows_x, rows_c = feats.latent_rows(expert_shas), feats.text_rows(expert_prompts)
     uncond = feats.text[feats.empty_prompt_row : feats.empty_prompt_row + 1]
