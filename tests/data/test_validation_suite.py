@@ -206,6 +206,32 @@ def test_image_below_min_side(folder):
     _failed(report, "expect_column_values_to_be_between(height)", "images (derived)")
 
 
+def test_decompression_bomb_fails_the_size_bound_without_decoding(folder, tmp_path):
+    from PIL import Image
+
+    # 1-bit and all zero: a few kB on disk that would decode to 1.2 GB of RGB.
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    bomb = schema.ImageStore(folder).put_bytes((tmp_path / "bomb.png").read_bytes(), "png")
+    df = _pairs(folder)
+    df.loc[2, "image_w"] = bomb
+    _save_pairs(folder, df)
+    line = _failed(_run(folder), "expect_column_values_to_be_in_set(decodes)", "images (derived)")
+    assert bomb[:12] in line and "decompression bomb" in line
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P"])
+def test_non_rgb_images_are_valid(folder, tmp_path, mode):
+    """Training decodes with ``convert("RGB")``, so a producer's grayscale or RGBA file is usable as stored."""
+    from PIL import Image
+
+    path = tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}"
+    Image.new(mode, (16, 16)).save(path)
+    sha = schema.ImageStore(folder).put_bytes(path.read_bytes(), path.suffix)
+    df = _pairs(folder)
+    df.loc[3, "image_l"] = sha
+    _save_pairs(folder, df)
+    assert _run(folder).success
+
 def test_too_many_ties(folder):
     df = _pairs(folder)
     df.loc[: len(df) // 2, "label"] = 0.5
@@ -260,3 +286,33 @@ def test_missing_pairs_or_folder_is_unreadable(folder, tmp_path):
     with pytest.raises(DataUnreadableError, match="pairs.parquet"):
         _run(folder)
     assert issubclass(DataUnreadableError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_exit_codes_are_0_valid_1_invalid_2_unreadable(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from prefalign.cli import app
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    report = tmp_path / "out" / "validation.json"
+
+    def validate(target: Path):
+        return CliRunner().invoke(app, ["data", "validate", "--input", str(target), "--report", str(report),
+                                        "--params", str(params)])
+
+    ok = validate(folder)
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(report.read_text())["success"] is True
+
+    df = _pairs(folder)
+    df.loc[0, "label"] = 0.7
+    _save_pairs(folder, df)
+    bad = validate(folder)
+    assert bad.exit_code == 1
+    assert "expect_column_values_to_be_in_set(label)" in bad.output
+    assert json.loads(report.read_text())["success"] is False
+
+    unreadable = validate(tmp_path / "nowhere")
+    assert unreadable.exit_code == 2
+    assert "nowhere" in unreadable.output and "Traceback" not in unreadable.output
