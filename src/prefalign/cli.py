@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -109,6 +109,33 @@ def data_validate(
         typer.secho(line, fg="red", err=True)
     typer.echo(f"{'valid' if result.success else 'INVALID'}: report at {report}")
     raise typer.Exit(0 if result.success else 1)
+
+
+ImportFormat = Literal["pickapic", "hpd", "jsonl"]
+
+
+@data_app.command("import")
+def data_import(
+    format: Annotated[ImportFormat, typer.Option("--format", help="Input format (docs/data_formats.md).")],
+    input: Annotated[Path, typer.Option("--input", help="Pick-a-Pic shard or folder of shards, HPD JSON, JSONL.")],
+    output: Annotated[Path, typer.Option("--output", help="Canonical preference folder (appended to).")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Import real preference data: exit 0 imported (or already present), 1 nothing importable, 2 unreadable."""
+    from prefalign.data.importers import ImportAbortedError, import_preferences
+
+    cfg = _config(params, None)
+    try:
+        summary = import_preferences(format, input, output, data=cfg.data, validation=cfg.validation)
+    except ImportAbortedError as err:
+        typer.secho(f"import failed: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary.line())
+    typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
+    if summary.exit_code:
+        typer.secho(f"nothing imported from {input}: every row was skipped or quarantined "
+                    f"(see {output / 'quarantine.parquet'})", fg="red", err=True)
+    raise typer.Exit(summary.exit_code)
 
 
 def main() -> None:
