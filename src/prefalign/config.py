@@ -93,7 +93,10 @@ class Pretrain(Section):
 class DataConfig(Section):
     """Where feedback comes from and how it is split."""
 
-    source: Literal["demo"] = Field("demo", description="demo: build the pool from the world (importers: issue 3).")
+    source: Literal["demo", "pickapic", "hpd", "jsonl"] = Field(
+        "demo",
+        description="demo: build the pool from the world; pickapic | hpd | jsonl: import paths.source in that format.",
+    )
     split_train: float = Field(0.8, gt=0.0, lt=1.0, description="Share of prompts (by sha256 mod 100) in train.")
     split_val: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts in val; the rest is test.")
     pool_prompts: PositiveInt = Field(540, description="Demo: prompts in the preference pool (all if larger).")

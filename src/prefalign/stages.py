@@ -144,14 +144,40 @@ def run_pretrain_base(cfg: PipelineConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ ingest
 def run_ingest(cfg: PipelineConfig) -> dict[str, Any]:
-    """Build the canonical preference dataset (demo: renderings + base samples, judged by annotators)."""
-    from prefalign.data.demo_pool import build_demo_pool
+    """Build the canonical preference dataset.
 
+    demo: renderings and base samples judged by simulated annotators. pickapic | hpd | jsonl: everything
+    under ``paths.source`` imported afresh; the import is deterministic and de-duplicates by id, so
+    re-importing all shards gives what an incremental import would, and DVC keeps every earlier version.
+    """
     out = _fresh_dir(stage_out_dir("ingest", cfg))
-    with stage_run(cfg, "ingest", out_dir=out, upstream=[_p(cfg, "base_model")]) as tracker:
-        summary = build_demo_pool(cfg, out)
+    source = _p(cfg, "base_model") if cfg.data.source == "demo" else _p(cfg, "source")
+    with stage_run(cfg, "ingest", out_dir=out, upstream=[source]) as tracker:
+        if cfg.data.source == "demo":
+            from prefalign.data.demo_pool import build_demo_pool
+
+            summary = build_demo_pool(cfg, out)
+        else:
+            from prefalign.data.importers import import_preferences
+
+            result = import_preferences(cfg.data.source, _import_input(cfg), out, data=cfg.data,
+                                        validation=cfg.validation)
+            summary = {**result.to_dict(), **{f"imported_{table}": n for table, n in result.imported.items()}}
         tracker.log_metrics({f"ingest/{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)})
     return summary
+
+
+def _import_input(cfg: PipelineConfig) -> Path:
+    """The file or folder the importer reads: ``paths.source``, or its one data file for single-file formats."""
+    source = _p(cfg, "source")
+    if cfg.data.source == "pickapic" or source.is_file():
+        return source  # a folder of shards is Pick-a-Pic's native layout
+    suffix = {"hpd": ".json", "jsonl": ".jsonl"}[cfg.data.source]
+    found = sorted(source.glob(f"*{suffix}"))
+    if len(found) != 1:
+        raise ValueError(f"{source}: data.source={cfg.data.source!r} needs exactly one *{suffix} file here, "
+                         f"found {len(found)}")
+    return found[0]
 
 
 # ---------------------------------------------------------------------------------------------- validate
