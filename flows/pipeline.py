@@ -25,6 +25,7 @@ from tasks.registry import (
     push_data,
     record_runs,
     register_candidates,
+    register_reward_model,
 )
 from tasks.stages import run_stage_task
 
@@ -53,6 +54,8 @@ def alignment_pipeline(
                 if stage == "validate":
                     publish_validation(reports)
                 raise
+            if stage == "train_reward":
+                register_reward_model(params_path, overrides)
         candidates = register_candidates(params_path, overrides)
         decision = promote_champion(params_path, overrides, candidates) if promote else None
         if mode == "dvc":

@@ -34,12 +34,19 @@ def _floats(values: dict[str, Any]) -> dict[str, float]:
 
 
 @task(retries=2, retry_delay_seconds=5)
+def register_reward_model(params_path: str, overrides: dict[str, Any] | None = None) -> ModelVersionInfo:
+    """Register the reward model as soon as it is trained, so the stages that use it can record its version."""
+    cfg = load_config(params_path, overrides)
+    path = cfg.paths.resolve("reward")
+    return registry.register_reward(cfg, model_dir=path, run_id=read_run_id(path),
+                                    metrics=_floats(_report(cfg, "reward.json")))
+
+
+@task(retries=2, retry_delay_seconds=5)
 def register_candidates(params_path: str, overrides: dict[str, Any] | None = None) -> dict[str, ModelVersionInfo]:
-    """Register the DPO and DRO policies (and the reward model); existing weights are not registered twice."""
+    """Register the DPO and DRO policies; existing weights are not registered twice."""
     cfg = load_config(params_path, overrides)
     models, path = _report(cfg, "eval.json")["models"], cfg.paths.resolve
-    registry.register_reward(cfg, model_dir=path("reward"), run_id=read_run_id(path("reward")),
-                             metrics=_floats(_report(cfg, "reward.json")))
     return {m: registry.register_policy(cfg, method=m, policy_dir=path(m), base_dir=path("base_model"),
                                         run_id=read_run_id(path(m)), metrics=_floats(models[m]))
             for m in POLICY_METHODS}

@@ -226,6 +226,26 @@ def register_reward(
     return _info(client.get_model_version(name, mv.version), created=True)
 
 
+def reward_tags(cfg: PipelineConfig, model_dir: Path) -> dict[str, str]:
+    """Run tags naming the reward model a stage used: its weights sha, and its registered version if any.
+
+    A stage that scores with the reward model (DRO's expert selection, evaluation) records these, so a
+    policy's lineage names the exact reward version; under plain ``dvc repro`` (no flow, nothing
+    registered) the sha alone still identifies the weights.
+    """
+    sha = weights_sha(model_dir)
+    tags = {"prefalign.reward_weights_sha": sha}
+    if cfg.tracking.enabled:
+        try:
+            mv = _find_by_sha(_client(cfg), cfg.registry.reward_name, sha)
+        except Exception as err:  # noqa: BLE001 - a registry outage must not stop training; the sha is enough
+            log.warning("could not look up the reward version of %s: %s", sha[:12], err)
+            mv = None
+        if mv is not None:
+            tags["prefalign.reward_version"] = f"{mv.name}/{mv.version}"
+    return tags
+
+
 def fetch_model_folder(ref: str, cfg: PipelineConfig, dst: Path) -> Path:
     """Download a registered version's files (``name@alias`` or ``name/version``) into ``dst``."""
     import mlflow.artifacts

@@ -272,6 +272,7 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.models.diffusion import unet_with_policy
     from prefalign.training.features import load_features
     from prefalign.training.policy import merge_and_strip_lora, train_dro
+    from prefalign.registry import reward_tags
     from prefalign.training.reward_stage import select_experts
 
     _torch_setup(cfg)
@@ -279,6 +280,7 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
     init_dir = _p(cfg, "dpo") if cfg.dro.init_from == "dpo" else None
     upstream = [_p(cfg, "features"), _p(cfg, "reward")] + ([init_dir] if init_dir else [])
     with stage_run(cfg, "train_dro", out_dir=out, upstream=upstream) as tracker:
+        tracker.set_tags(reward_tags(cfg, _p(cfg, "reward")))
         experts = select_experts(cfg)
         _write_json(out / "experts.json", {"shas": experts.image.tolist(), "prompts": experts.prompt.tolist()})
         tracker.log_artifact(out / "experts.json")
@@ -298,11 +300,13 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
 def run_evaluate(cfg: PipelineConfig) -> dict[str, Any]:
     """Base, DPO and DRO on held-out prompts with fixed seeds: oracle, reward, win rates with intervals."""
     from prefalign.evaluation.report import evaluate_policies
+    from prefalign.registry import reward_tags
 
     _torch_setup(cfg)
     out = _fresh_dir(stage_out_dir("evaluate", cfg))
     upstream = [_p(cfg, "dpo"), _p(cfg, "dro"), _p(cfg, "reward")]
     with stage_run(cfg, "evaluate", out_dir=out, upstream=upstream) as tracker:
+        tracker.set_tags(reward_tags(cfg, _p(cfg, "reward")))
         report = evaluate_policies(cfg, out, tracker)
         _write_json(_p(cfg, "reports") / "eval.json", report)
         tracker.log_artifact(_p(cfg, "reports") / "eval.json")

@@ -186,6 +186,11 @@ def test_reward_roundtrip_and_lineage(root, base_dir, client, tmp_path):
     reward = registry.register_reward(cfg, model_dir=_weights(out["reward"], b"clip", "dpo"),
                                       run_id=read_run_id(out["reward"]), metrics={"pairwise_accuracy": 0.8})
     assert registry.register_reward(cfg, model_dir=out["reward"], run_id=None, metrics={}).created is False
+    assert registry.reward_tags(cfg, out["reward"]) == {
+        "prefalign.reward_weights_sha": reward.weights_sha,
+        "prefalign.reward_version": f"prefalign-reward/{reward.version}"}
+    unregistered = _weights(tmp_path / "other_reward", b"other clip", "dpo")
+    assert "prefalign.reward_version" not in registry.reward_tags(cfg, unregistered)
     fetched = registry.fetch_model_folder(f"prefalign-reward/{reward.version}", cfg, tmp_path / "fetched")
     assert (fetched / "pytorch_lora_weights.safetensors").read_bytes() == b"clip"
 
