@@ -154,6 +154,11 @@ class RewardConfig(Section):
     lr: PositiveFloat = Field(5e-4, description="Learning rate (1e-3 sometimes left position unlearned).")
     batch_size: PositiveInt = Field(128, description="Pairs per step.")
     embed_dim: PositiveInt = Field(64, description="Tiny backbone projection width.")
+    pretrain_steps: NonNegativeInt = Field(
+        1500, description="Tiny backbone: CLIP pretraining steps on the world's captioned renderings (0: none)."
+    )
+    pretrain_lr: PositiveFloat = Field(1e-3, description="Tiny backbone: CLIP pretraining learning rate.")
+    pretrain_batch_size: PositiveInt = Field(256, description="Tiny backbone: captioned images per pretraining step.")
     eval_every: PositiveInt = Field(100, description="Validation accuracy every N steps (early stopping).")
     patience: PositiveInt = Field(6, description="Evaluations without improvement before stopping.")
 

@@ -219,7 +219,7 @@ def run_train_reward(cfg: PipelineConfig) -> dict[str, Any]:
 
     _torch_setup(cfg)
     out = _fresh_dir(stage_out_dir("train_reward", cfg))
-    with stage_run(cfg, "train_reward", out_dir=out, upstream=[_p(cfg, "preferences")]) as tracker:
+    with stage_run(cfg, "train_reward", out_dir=out, upstream=[_p(cfg, "preferences"), _p(cfg, "world")]) as tracker:
         report = train_and_evaluate_reward(cfg, out, tracker)
         _write_json(_p(cfg, "reports") / "reward.json", report)
         tracker.log_metrics({f"reward/{k}": float(v) for k, v in report.items() if isinstance(v, int | float)})

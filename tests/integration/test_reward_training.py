@@ -245,3 +245,24 @@ def test_rankings_alone_are_expanded_into_pairs(demo: DemoSplits) -> None:
     data = RewardData.from_tables(demo.pairs.iloc[:0], rankings, demo.images.__getitem__, keep_ties=True, split="val")
     expected = sum(len(images) * (len(images) - 1) // 2 for images in rankings["images"])
     assert data.n_pairs == expected and data.n_rankings == len(rankings)
+
+
+def test_contrastive_pretraining_alone_grounds_colours(single_thread: None) -> None:
+    """CLIP pretraining on captioned renderings (no preferences yet) already ties colour words to pixels."""
+    from prefalign.training.reward import pretrain_contrastive
+
+    rng = np.random.default_rng(2)
+    scenes = all_attributes()
+    order = rng.permutation(len(scenes))
+    train, held_out = [scenes[i] for i in order[:400]], [scenes[i] for i in order[400:460]]
+    scorer = load_backbone("tiny", tokenizer=build_tokenizer(vocabulary_words()), image_size=16, seed=0)
+    images = np.stack([render(a, 16, noise_sigma=float(rng.uniform(0, 20)), rng=rng) for a in train for _ in range(3)])
+    losses = pretrain_contrastive(scorer, images, [prompt_of(a) for a in train for _ in range(3)], steps=150,
+                                  batch_size=128, lr=1e-3, seed=0, progress=False)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+
+    prompts = [prompt_of(a) for a in held_out]
+    recoloured = [_with_other(a, "color", rng) for a in held_out]
+    right = scorer.score(prompts, np.stack([render(a, 16) for a in held_out]))
+    wrong = scorer.score(prompts, np.stack([render(a, 16) for a in recoloured]))
+    assert (right > wrong).mean() >= 0.8

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from prefalign.config import RewardLoss
-from prefalign.losses.reward import REWARD_LOSSES, bradley_terry_loss, plackett_luce_loss
+from prefalign.losses.reward import REWARD_LOSSES, bradley_terry_loss, clip_contrastive_loss, plackett_luce_loss
 
 LOG2 = 0.6931472
 LOG1P_EXP_M1 = 0.3132617  # log(1 + e^-1) = -log σ(1)
@@ -115,3 +115,35 @@ def test_plackett_luce_gradient_favours_the_top() -> None:
 
 def test_registry_keys_match_config_literal() -> None:
     assert set(REWARD_LOSSES) == set(get_args(RewardLoss)) - {"mixed"}
+
+
+def test_clip_contrastive_hand_values() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    # Distinct captions: each direction is -log softmax(2; [2, 0]) = log(1 + e^-2).
+    assert_close(clip_contrastive_loss(logits), torch.full((2,), math.log1p(math.exp(-2.0))))
+    # One caption twice: targets (1/2, 1/2), so -1/2 [log sm(2) + log sm(0)] = 1/2 [2 log(1 + e^-2) + 2].
+    same = torch.ones(2, 2, dtype=torch.bool)
+    expected = 0.5 * (2 * math.log1p(math.exp(-2.0)) + 2.0)
+    assert_close(clip_contrastive_loss(logits, same), torch.full((2,), expected))
+
+
+def test_clip_contrastive_asymmetric_logits_average_both_directions() -> None:
+    logits = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    row = -torch.log_softmax(logits, dim=1).diagonal()
+    col = -torch.log_softmax(logits, dim=0).diagonal()
+    assert_close(clip_contrastive_loss(logits), 0.5 * (row + col))
+
+
+def test_clip_contrastive_gradient_pulls_matches_together() -> None:
+    logits = torch.zeros(3, 3, requires_grad=True)
+    clip_contrastive_loss(logits).sum().backward()
+    assert (logits.grad.diagonal() < 0).all()  # descent raises the matching logits
+    off_diagonal = logits.grad[~torch.eye(3, dtype=torch.bool)]
+    assert (off_diagonal > 0).all()
+
+
+def test_clip_contrastive_rejects_bad_shapes_and_masks() -> None:
+    with pytest.raises(ValueError, match="square"):
+        clip_contrastive_loss(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="diagonal"):
+        clip_contrastive_loss(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool))

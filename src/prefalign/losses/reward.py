@@ -89,6 +89,39 @@ def plackett_luce_loss(scores: Tensor, *, mask: Tensor | None = None) -> Tensor:
     return -log_pick.sum(dim=-1)
 
 
+def clip_contrastive_loss(logits: Tensor, same_caption: Tensor | None = None) -> Tensor:
+    """CLIP's symmetric contrastive loss over a batch of N (image, caption) pairs (Radford et al. 2021,
+    arXiv 2103.00020, Fig. 3), with several positives per row where captions repeat.
+
+    With logits L_ij = t · cos(image_i, caption_j) and targets q_ij = [c_i = c_j] / Σ_k [c_i = c_k]
+    (uniform over the captions identical to row i's; the identity matrix when all captions differ):
+
+        loss_i = ½ (−Σ_j q_ij log softmax_j(L_i·) − Σ_j q_ji log softmax_j(L_·i)),
+
+    the image-to-text and text-to-image cross-entropies. Counting a repeated caption as a negative would
+    push apart pairs that say exactly the same thing; the demo world's 540 prompts repeat within a batch.
+
+    Args:
+        logits: `(N, N)` image-by-caption logits, row i the i-th image, column j the j-th caption.
+        same_caption: optional `(N, N)` bool, True where captions i and j are identical; the diagonal
+            must be True. None means all captions differ.
+
+    Returns:
+        `(N,)` per-pair loss.
+    """
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"logits must be square (N, N), got shape {tuple(logits.shape)}")
+    if same_caption is None:
+        same_caption = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    if not bool(same_caption.diagonal().all()):
+        raise ValueError("same_caption must be True on its diagonal (every caption equals itself)")
+    target = same_caption.to(logits.dtype)
+    target = target / target.sum(dim=1, keepdim=True)  # symmetric matrix: rows and columns sum alike
+    image_to_text = -(target * logits.log_softmax(dim=1)).sum(dim=1)
+    text_to_image = -(target * logits.log_softmax(dim=0)).sum(dim=0)
+    return 0.5 * (image_to_text + text_to_image)
+
+
 REWARD_LOSSES: dict[str, Callable[..., Tensor]] = {
     "bt": bradley_terry_loss,
     "pl": plackett_luce_loss,

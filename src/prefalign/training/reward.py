@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefalign.config import RewardConfig
-from prefalign.losses.reward import bradley_terry_loss, plackett_luce_loss
+from prefalign.losses.reward import bradley_terry_loss, clip_contrastive_loss, plackett_luce_loss
 from prefalign.models.reward_model import MAX_LOGIT_SCALE, RewardScorer, resize_image
 from prefalign.seeding import derive_seed
 
@@ -277,6 +277,68 @@ def _batches(n_items: int, batch_size: int, *, seed: int, purpose: str) -> Itera
         epoch += 1
 
 
+
+# ------------------------------------------------------------------------------------ backbone pretraining
+def pretrain_contrastive(
+    scorer: RewardScorer,
+    images: np.ndarray,
+    captions: list[str],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_metrics: MetricsFn | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """CLIP-pretrain a backbone from scratch on captioned images (``clip_contrastive_loss``).
+
+    Real reward models start from a CLIP that web-scale captions taught what colours, objects and
+    positions look like (PickScore from CLIP-H, HPS v2 from OpenCLIP); the demo world's tiny CLIP gets
+    the same start from the base model's captioned, partly mis-captioned pretraining renderings, before
+    preference data teaches it what people prefer.
+
+    Args:
+        scorer: the model to train in place (all parameters).
+        images: uint8 ``(N, H, W, 3)``.
+        captions: N captions.
+        steps, batch_size, lr: AdamW steps of ``batch_size`` random pairs, linear warmup then cosine.
+        seed: keys the batch order.
+        log_metrics: ``(metrics, step)`` callback (``pretrain/loss`` every 10 steps).
+        progress: show a tqdm bar.
+
+    Returns:
+        The loss of every step.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    input_ids, attention_mask = scorer.tokenize(captions)
+    pixels = scorer.uint8_pixels(images)
+    caption_ids = torch.from_numpy(pd.factorize(pd.Series(captions))[0]).to(pixels.device)
+    optimizer, schedule = _optimizer(scorer.model, lr=lr, steps=steps)
+    scorer.model.train()
+    losses: list[float] = []
+    rows_of = _batches(len(captions), batch_size, seed=seed, purpose="reward-pretrain")
+    for step in tqdm(range(steps), desc="pretrain reward backbone", disable=not progress, mininterval=2):
+        rows = torch.from_numpy(next(rows_of)).to(pixels.device)
+        text = scorer.text_embeddings(input_ids[rows], attention_mask[rows])
+        image = scorer.image_embeddings(scorer.normalise(pixels[rows]))
+        logits = scorer.logit_scale() * image @ text.T
+        same = caption_ids[rows][:, None] == caption_ids[rows][None, :]
+        loss = clip_contrastive_loss(logits, same).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(scorer.model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            scorer.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        losses.append(loss.item())
+        if log_metrics and step % LOG_EVERY == 0:
+            log_metrics({"pretrain/loss": losses[-1]}, step)
+    log.info("reward backbone pretrained: %d steps, final loss %.4f", steps, float(np.mean(losses[-20:])))
+    return losses
+
 # ------------------------------------------------------------------------------------------- scoring
 @dataclass
 class PairScores:
@@ -485,7 +547,7 @@ class _BestWeights:
 
 
 def _optimizer(
-    model: torch.nn.Module, cfg: RewardConfig
+    model: torch.nn.Module, *, lr: float, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (no decay on biases, norms and logit_scale); linear warmup over 5% of steps, then cosine."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -493,13 +555,13 @@ def _optimizer(
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    warmup = max(1, round(WARMUP_FRACTION * cfg.steps))
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    warmup = max(1, round(WARMUP_FRACTION * steps))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -602,7 +664,7 @@ def train_reward_model(
     use_pairs, use_rankings = _loss_parts(cfg, train)
     pair_stream, ranking_stream = _row_streams(cfg, train, use_pairs, use_rankings, seed)
     train_tensors, val_tensors = _SplitTensors.of(scorer, train), _SplitTensors.of(scorer, val)
-    optimizer, schedule = _optimizer(scorer.model, cfg)
+    optimizer, schedule = _optimizer(scorer.model, lr=cfg.lr, steps=cfg.steps)
     best, history = _BestWeights(cfg.patience), {key: [] for key in ("step", "loss", "lr", "logit_scale")}
     log.info("reward training: loss=%s, %d train pairs, %d rankings, %d val pairs, up to %d steps of %d pairs",
              cfg.loss, train.n_pairs, train.n_rankings, val.n_pairs, cfg.steps, cfg.batch_size)

@@ -48,6 +48,19 @@ def bayes_of_split(cfg: PipelineConfig, data, scores) -> float | None:
     return float(bayes_accuracy(oracle_w, oracle_l, tau=cfg.world.annotator_tau))
 
 
+def _pretrain_backbone(cfg: PipelineConfig, scorer, out: Path, tracker) -> Path:
+    """CLIP-pretrain the tiny backbone on the world's captioned renderings; returns the loss-curve PNG."""
+    from prefalign.evaluation.figures import loss_curve
+    from prefalign.training.reward import pretrain_contrastive
+
+    world = np.load(cfg.paths.resolve("world") / "pretrain.npz")
+    losses = pretrain_contrastive(scorer, world["images"], [str(c) for c in world["captions"]],
+                                  steps=cfg.reward.pretrain_steps, batch_size=cfg.reward.pretrain_batch_size,
+                                  lr=cfg.reward.pretrain_lr, seed=cfg.seed, log_metrics=tracker.log_metrics)
+    return loss_curve({"contrastive loss": losses}, out / "reward_pretraining.png",
+                      title="reward backbone: CLIP pretraining on captioned renderings")
+
+
 def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]:
     """Train on train, early-stop on val, report on test; the model is saved to ``out`` (CLIPModel format)."""
     from prefalign.data.schema import ImageStore
@@ -60,17 +73,19 @@ def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker) -> dict[s
     splits = {s: RewardData.from_tables(pairs, rankings, load, keep_ties=keep, split=s, resize_to=size)
               for s, keep in (("train", cfg.reward.keep_ties), ("val", True), ("test", True))}
     scorer = _scorer(cfg)
+    figures = [_pretrain_backbone(cfg, scorer, out, tracker)] if cfg.reward.backbone == "tiny" and cfg.reward.pretrain_steps else []
     result = train_reward_model(scorer, cfg.reward, splits["train"], splits["val"], seed=cfg.seed,
                                 log_metrics=tracker.log_metrics)
     scorer.save(out)
     metrics, scores = evaluate_reward(scorer, splits["test"])
     report = {**metrics, "bayes_accuracy": bayes_of_split(cfg, splits["test"], scores),
-              "best_val_accuracy": result.best_val_accuracy, "steps_run": result.steps_run, "loss": cfg.reward.loss}
+              "best_val_accuracy": result.best_val_accuracy, "steps_run": result.steps_run, "loss": cfg.reward.loss,
+              "backbone_pretrain_steps": cfg.reward.pretrain_steps if cfg.reward.backbone == "tiny" else 0}
     calibration = metrics["calibration"]
-    figures = [calibration_plot(np.asarray(calibration["pred"], dtype=float), np.asarray(calibration["observed"], dtype=float),
-                                out / "calibration.png"),
-               loss_curve({k: result.history[k] for k in ("loss", "val_accuracy") if result.history.get(k)},
-                          out / "reward_training.png", title="reward model training")]
+    figures += [calibration_plot(np.asarray(calibration["pred"], dtype=float),
+                                 np.asarray(calibration["observed"], dtype=float), out / "calibration.png"),
+                loss_curve({k: result.history[k] for k in ("loss", "val_accuracy") if result.history.get(k)},
+                           out / "reward_training.png", title="reward model training")]
     for path in figures:
         tracker.log_artifact(path, "figures")
     log.info("reward: held-out accuracy %s on %d pairs, Bayes rate %s", report["pairwise_accuracy"], report["n_pairs"],
