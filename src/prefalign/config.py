@@ -54,6 +54,9 @@ class Paths(Section):
     dpo: str = Field("models/dpo", description="Diffusion-DPO LoRA adapter (diffusers format).")
     dro: str = Field("models/dro", description="Diffusion-DRO result (full UNet over the base).")
     reports: str = Field("reports", description="Small JSON metrics and PNG figures.")
+    checkpoints: str = Field(
+        "checkpoints", description="Resumable training state per stage; outside every DVC output, git-ignored."
+    )
 
     def resolve(self, name: str) -> Path:
         """Absolute path of the named entry."""

@@ -266,3 +266,41 @@ def test_contrastive_pretraining_alone_grounds_colours(single_thread: None) -> N
     right = scorer.score(prompts, np.stack([render(a, 16) for a in held_out]))
     wrong = scorer.score(prompts, np.stack([render(a, 16) for a in recoloured]))
     assert (right > wrong).mean() >= 0.8
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(demo: DemoSplits, single_thread: None,
+                                                                      tmp_path: Path) -> None:
+    from prefalign.training.reward import latest_checkpoint
+
+    def split(name: str) -> RewardData:
+        return RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split=name)
+
+    cfg = RewardConfig(steps=60, batch_size=32, lr=5e-4, eval_every=20, patience=10)
+    train, val = split("train"), split("val")
+
+    def fresh() -> RewardScorer:
+        return load_backbone("tiny", tokenizer=build_tokenizer(vocabulary_words()), image_size=16, seed=0)
+
+    uninterrupted = fresh()
+    train_reward_model(uninterrupted, cfg, train, val, seed=0, progress=False)
+
+    def crash_after_step_45(metrics: dict, step: int) -> None:
+        if step > 45:
+            raise _Crash  # the process dies between checkpoints (the last one was written at step 40)
+
+    with pytest.raises(_Crash):
+        train_reward_model(fresh(), cfg, train, val, seed=0, progress=False, log_metrics=crash_after_step_45,
+                           checkpoint_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_40"]
+    resumed = fresh()
+    result = train_reward_model(resumed, cfg, train, val, seed=0, progress=False, checkpoint_dir=tmp_path)
+    assert result.steps_run == 60 and len(result.history["loss"]) == 60
+    for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+    with pytest.raises(ValueError, match="different reward run"):
+        latest_checkpoint(tmp_path, "another fingerprint")

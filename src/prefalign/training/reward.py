@@ -11,10 +11,15 @@ colour jitter would teach the model to ignore exactly what it must judge.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -635,6 +640,87 @@ def _row_streams(
     return pairs, rankings
 
 
+# ---------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_META = "checkpoint.json"
+
+
+def training_fingerprint(cfg: RewardConfig, train: RewardData, seed: int) -> str:
+    """sha256 of what a run's result depends on: the reward config, the seed and the training examples.
+
+    A checkpoint resumes only a run with the same fingerprint; anything else would silently mix two runs.
+    """
+    payload = json.dumps({"cfg": cfg.model_dump(mode="json"), "seed": seed, "images": train.image_shas,
+                          "pairs": [train.pair_w.tolist(), train.pair_l.tolist(), train.pair_label.tolist()],
+                          "prompts": train.prompts}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _state_copy(model: torch.nn.Module) -> dict[str, Tensor]:
+    # safetensors refuses shared or non-contiguous storage: own, contiguous CPU copies.
+    return {name: value.detach().to("cpu").contiguous().clone() for name, value in model.state_dict().items()}
+
+
+def _save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     schedule: torch.optim.lr_scheduler.LambdaLR, best: _BestWeights,
+                     history: dict[str, list[float]], fingerprint: str) -> Path:
+    """Write ``root/step_<step>`` atomically (a temp folder, then one rename) and drop older checkpoints."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step_{step}", root / f".step_{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_state_copy(model), str(tmp / "model.safetensors"))
+    if best.state:
+        save_file({k: v.contiguous() for k, v in best.state.items()}, str(tmp / "best.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "optimizer.pt")
+    meta = {"step": step, "fingerprint": fingerprint, "history": history,
+            "best": {"key": best.key, "accuracy": best.accuracy, "step": best.step, "stale": best.stale}}
+    (tmp / CHECKPOINT_META).write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for older in root.glob("step_*"):
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path | None, fingerprint: str) -> Path | None:
+    """The newest complete checkpoint under ``root`` (None when there is none).
+
+    Raises:
+        ValueError: the newest checkpoint belongs to another run (config, seed or data differ); the
+            message names the folder, so the user can delete it deliberately.
+    """
+    if root is None or not root.is_dir():
+        return None
+    done = [p for p in root.glob("step_*") if (p / CHECKPOINT_META).is_file()]
+    if not done:
+        return None
+    newest = max(done, key=lambda p: int(p.name.removeprefix("step_")))
+    if json.loads((newest / CHECKPOINT_META).read_text())["fingerprint"] != fingerprint:
+        raise ValueError(f"{newest}: a checkpoint of a different reward run (config, seed or data differ); "
+                         "delete that folder to start afresh, or point paths.checkpoints elsewhere")
+    return newest
+
+
+def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     schedule: torch.optim.lr_scheduler.LambdaLR, best: _BestWeights) -> tuple[int, dict[str, list[float]]]:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(next(model.parameters()).device)))
+    states = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only: no pickled code
+    optimizer.load_state_dict(states["optimizer"])
+    schedule.load_state_dict(states["schedule"])
+    meta = json.loads((path / CHECKPOINT_META).read_text())
+    if (path / "best.safetensors").is_file():
+        best.state = load_file(str(path / "best.safetensors"))
+    key = meta["best"]["key"]
+    best.key = tuple(key) if key is not None else None
+    best.accuracy, best.step, best.stale = meta["best"]["accuracy"], meta["best"]["step"], meta["best"]["stale"]
+    return int(meta["step"]), meta["history"]
+
+
 def train_reward_model(
     scorer: RewardScorer,
     cfg: RewardConfig,
@@ -644,6 +730,7 @@ def train_reward_model(
     seed: int,
     log_metrics: MetricsFn | None = None,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
     """Train ``scorer`` in place with the configured loss; early stopping on validation accuracy.
 
@@ -656,9 +743,16 @@ def train_reward_model(
         log_metrics: ``(metrics, step)`` callback, e.g. ``Tracker.log_metrics`` (``train/*`` every 10 steps,
             ``eval/*`` at each evaluation).
         progress: show a tqdm bar.
+        checkpoint_dir: when given, a checkpoint (weights, optimizer, schedule, early-stopping state,
+            history) is written there atomically at every evaluation, and a run with the same
+            fingerprint resumes from the newest one: killed and restarted, it ends with the weights of an
+            uninterrupted run.
 
     Returns:
         ``TrainResult``; the scorer holds the best validation weights, in eval mode.
+
+    Raises:
+        ValueError: ``checkpoint_dir`` holds a checkpoint of a different run (see ``latest_checkpoint``).
     """
     torch.manual_seed(seed)
     use_pairs, use_rankings = _loss_parts(cfg, train)
@@ -666,11 +760,23 @@ def train_reward_model(
     train_tensors, val_tensors = _SplitTensors.of(scorer, train), _SplitTensors.of(scorer, val)
     optimizer, schedule = _optimizer(scorer.model, lr=cfg.lr, steps=cfg.steps)
     best, history = _BestWeights(cfg.patience), {key: [] for key in ("step", "loss", "lr", "logit_scale")}
+    fingerprint = training_fingerprint(cfg, train, seed)
+    start = 0
+    if (resume := latest_checkpoint(checkpoint_dir, fingerprint)) is not None:
+        start, history = _load_checkpoint(resume, scorer.model, optimizer, schedule, best)
+        # Batch order is keyed by (seed, epoch): replaying the stream to the step restores the data position.
+        for _ in range(start):
+            next(pair_stream) if pair_stream else None
+            next(ranking_stream) if ranking_stream else None
+        log.info("reward training resumes at step %d from %s", start, resume)
     log.info("reward training: loss=%s, %d train pairs, %d rankings, %d val pairs, up to %d steps of %d pairs",
              cfg.loss, train.n_pairs, train.n_rankings, val.n_pairs, cfg.steps, cfg.batch_size)
     scorer.model.train()
-    steps_run, bar = 0, tqdm(range(cfg.steps), desc="train reward", disable=not progress, mininterval=2)
+    steps_run = start
+    bar = tqdm(range(start, cfg.steps), desc="train reward", disable=not progress, mininterval=2)
     for step in bar:
+        if best.exhausted:  # resumed from a checkpoint written at the early stop
+            break
         metrics = _train_step(scorer, train_tensors, next(pair_stream) if pair_stream else None,
                               next(ranking_stream) if ranking_stream else None, optimizer, schedule)
         steps_run = step + 1
@@ -680,7 +786,10 @@ def train_reward_model(
         if log_metrics and step % LOG_EVERY == 0:
             log_metrics({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, steps_run)
         if steps_run % cfg.eval_every == 0 or steps_run == cfg.steps:
-            if _evaluate_and_check(scorer, val_tensors, best, history, steps_run, log_metrics, bar):
+            stop = _evaluate_and_check(scorer, val_tensors, best, history, steps_run, log_metrics, bar)
+            if checkpoint_dir is not None:
+                _save_checkpoint(checkpoint_dir, steps_run, scorer.model, optimizer, schedule, best, history, fingerprint)
+            if stop:
                 log.info("early stopping at step %d: no better validation for %d evaluations", steps_run, cfg.patience)
                 break
     best.restore(scorer.model)

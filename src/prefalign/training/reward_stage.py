@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,11 @@ def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker) -> dict[s
               for s, keep in (("train", cfg.reward.keep_ties), ("val", True), ("test", True))}
     scorer = _scorer(cfg)
     figures = [_pretrain_backbone(cfg, scorer, out, tracker)] if cfg.reward.backbone == "tiny" and cfg.reward.pretrain_steps else []
+    checkpoints = cfg.paths.resolve("checkpoints") / "train_reward"
     result = train_reward_model(scorer, cfg.reward, splits["train"], splits["val"], seed=cfg.seed,
-                                log_metrics=tracker.log_metrics)
+                                log_metrics=tracker.log_metrics, checkpoint_dir=checkpoints)
     scorer.save(out)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # crash recovery only: a finished run needs none
     metrics, scores = evaluate_reward(scorer, splits["test"])
     report = {**metrics, "bayes_accuracy": bayes_of_split(cfg, splits["test"], scores),
               "best_val_accuracy": result.best_val_accuracy, "steps_run": result.steps_run, "loss": cfg.reward.loss,
