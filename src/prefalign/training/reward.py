@@ -317,6 +317,7 @@ def pretrain_contrastive(
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    scorer.model.to("cuda" if torch.cuda.is_available() else "cpu")
     input_ids, attention_mask = scorer.tokenize(captions)
     pixels = scorer.uint8_pixels(images)
     caption_ids = torch.from_numpy(pd.factorize(pd.Series(captions))[0]).to(pixels.device)
@@ -596,6 +597,7 @@ def _train_step(
     ranking_rows: np.ndarray | None,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LambdaLR,
+    accelerator: Any,
 ) -> dict[str, float]:
     """One optimizer step on the mean of the active losses ("mixed" = mean of BT and PL)."""
     losses, metrics = [], {}
@@ -609,9 +611,9 @@ def _train_step(
         metrics["loss_pl"] = loss_pl.item()
     loss = torch.stack(losses).mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    accelerator.backward(loss)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))
     metrics["lr"] = schedule.get_last_lr()[0]
     optimizer.step()
     schedule.step()
@@ -754,7 +756,16 @@ def train_reward_model(
     Raises:
         ValueError: ``checkpoint_dir`` holds a checkpoint of a different run (see ``latest_checkpoint``).
     """
+    from accelerate import Accelerator
+
     torch.manual_seed(seed)
+    # One process: the scorer calls the CLIP towers directly (not through a DDP wrapper's forward), and a
+    # demo-to-PickScore-sized reward model trains in minutes on one device. accelerate places it (CUDA when
+    # present) and owns backward and clipping, so mixed precision is one flag away.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:
+        raise RuntimeError("reward training runs in one process; start it without `accelerate launch`")
+    scorer.model.to(accelerator.device)
     use_pairs, use_rankings = _loss_parts(cfg, train)
     pair_stream, ranking_stream = _row_streams(cfg, train, use_pairs, use_rankings, seed)
     train_tensors, val_tensors = _SplitTensors.of(scorer, train), _SplitTensors.of(scorer, val)
@@ -778,7 +789,7 @@ def train_reward_model(
         if best.exhausted:  # resumed from a checkpoint written at the early stop
             break
         metrics = _train_step(scorer, train_tensors, next(pair_stream) if pair_stream else None,
-                              next(ranking_stream) if ranking_stream else None, optimizer, schedule)
+                              next(ranking_stream) if ranking_stream else None, optimizer, schedule, accelerator)
         steps_run = step + 1
         for key in ("loss", "lr", "logit_scale"):
             history[key].append(metrics[key])
