@@ -103,9 +103,9 @@ class DataConfig(Section):
     split_train: float = Field(0.8, gt=0.0, lt=1.0, description="Share of prompts (by sha256 mod 100) in train.")
     split_val: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts in val; the rest is test.")
     pool_prompts: PositiveInt = Field(540, description="Demo: prompts in the preference pool (all if larger).")
-    pool_base_samples: NonNegativeInt = Field(4, description="Demo: base-model samples per prompt.")
+    pool_base_samples: NonNegativeInt = Field(8, description="Demo: base-model samples per prompt.")
     pool_renderings: NonNegativeInt = Field(2, description="Demo: corrupted renderings per prompt ('other models').")
-    pool_pairs_per_prompt: PositiveInt = Field(12, description="Demo: pairs drawn per prompt from its images.")
+    pool_pairs_per_prompt: PositiveInt = Field(45, description="Demo: pairs drawn per prompt from its images.")
     pool_sample_steps: PositiveInt = Field(20, description="Demo: sampler steps for base-model samples.")
     pool_guidance: NonNegativeFloat = Field(3.0, description="Demo: guidance scale of base-model samples.")
 
@@ -157,6 +157,9 @@ class RewardConfig(Section):
     lr: PositiveFloat = Field(5e-4, description="Learning rate (1e-3 sometimes left position unlearned).")
     batch_size: PositiveInt = Field(128, description="Pairs per step.")
     embed_dim: PositiveInt = Field(64, description="Tiny backbone projection width.")
+    tiny_width: PositiveInt = Field(64, description="Tiny backbone: hidden width of both towers.")
+    tiny_vision_layers: PositiveInt = Field(3, description="Tiny backbone: vision transformer layers.")
+    tiny_patch_size: PositiveInt | None = Field(None, description="Tiny backbone: patch side (None: largest giving >= 4x4 patches).")
     pretrain_steps: NonNegativeInt = Field(
         1500, description="Tiny backbone: CLIP pretraining steps on the world's captioned renderings (0: none)."
     )

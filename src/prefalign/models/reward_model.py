@@ -48,7 +48,14 @@ def tiny_patch_size(image_size: int) -> int:
 
 
 def build_tiny_reward_model(
-    tokenizer: CLIPTokenizer, *, image_size: int = 16, embed_dim: int = 64, seed: int = 0
+    tokenizer: CLIPTokenizer,
+    *,
+    image_size: int = 16,
+    embed_dim: int = 64,
+    seed: int = 0,
+    width: int = 64,
+    vision_layers: int = 3,
+    patch_size: int | None = None,
 ) -> CLIPModel:
     """A randomly initialised tiny ``CLIPModel`` for the demo world (about 0.22 M parameters with the demo vocabulary).
 
@@ -60,6 +67,9 @@ def build_tiny_reward_model(
         image_size: side of the (square) input images in pixels.
         embed_dim: width of the shared text-image embedding space.
         seed: initialisation seed (the global torch RNG is left untouched).
+        width: hidden width of both towers (MLP 2x, heads of 16 channels).
+        vision_layers: transformer layers of the vision tower.
+        patch_size: vision patch side; None picks ``tiny_patch_size(image_size)``.
 
     Returns:
         The model in train mode.
@@ -68,10 +78,10 @@ def build_tiny_reward_model(
 
     text_config = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
+        "num_attention_heads": max(1, width // 16),
         "max_position_embeddings": tokenizer.model_max_length,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -79,12 +89,12 @@ def build_tiny_reward_model(
     }
     vision_config = {
         "image_size": image_size,
-        "patch_size": tiny_patch_size(image_size),
+        "patch_size": patch_size or tiny_patch_size(image_size),
         "num_channels": 3,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": max(1, width // 16),
     }
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=embed_dim)
     with torch.random.fork_rng(devices=[]):
@@ -310,6 +320,7 @@ def load_backbone(
     embed_dim: int = 64,
     seed: int = 0,
     freeze_backbone_except_last: int | None = None,
+    tiny: dict[str, int] | None = None,
 ) -> RewardScorer:
     """The scorer to train: ``"tiny"`` (built from config) or a local CLIP folder, checked before training.
 
@@ -317,6 +328,7 @@ def load_backbone(
         backbone: ``"tiny"`` or the path of a local CLIP folder (``RewardConfig.backbone``; never a hub id).
         tokenizer: required for ``"tiny"`` (the grammar's tokenizer); a folder brings its own.
         image_size, embed_dim, seed: tiny backbone only (see ``build_tiny_reward_model``).
+        tiny: further ``build_tiny_reward_model`` options (width, vision_layers, patch_size).
         freeze_backbone_except_last: None trains everything; N freezes all but the projections,
             ``logit_scale`` and the last N layers of each tower.
 
@@ -330,7 +342,7 @@ def load_backbone(
     if str(backbone) == "tiny":
         if tokenizer is None:
             raise ValueError("the tiny reward backbone needs the demo tokenizer (models.text.build_tokenizer)")
-        model = build_tiny_reward_model(tokenizer, image_size=image_size, embed_dim=embed_dim, seed=seed)
+        model = build_tiny_reward_model(tokenizer, image_size=image_size, embed_dim=embed_dim, seed=seed, **(tiny or {}))
         scorer = RewardScorer(model, tokenizer)
     else:
         scorer = RewardScorer.load(backbone)

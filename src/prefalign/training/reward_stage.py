@@ -31,7 +31,9 @@ def _scorer(cfg: PipelineConfig):
         from prefalign.world.grammar import vocabulary_words
 
         tokenizer = build_tokenizer(vocabulary_words())
-    return load_backbone(cfg.reward.backbone, tokenizer=tokenizer, image_size=cfg.model.resolution,
+    tiny = {"width": cfg.reward.tiny_width, "vision_layers": cfg.reward.tiny_vision_layers,
+            "patch_size": cfg.reward.tiny_patch_size}
+    return load_backbone(cfg.reward.backbone, tokenizer=tokenizer, image_size=cfg.model.resolution, tiny=tiny,
                          embed_dim=cfg.reward.embed_dim, seed=cfg.seed)
 
 
