@@ -154,11 +154,11 @@ class RewardConfig(Section):
     loss: RewardLoss = Field("bt", description="bt on pairs, pl on rankings, or mixed.")
     keep_ties: bool = Field(True, description="Use ties with the soft-label BT loss.")
     steps: PositiveInt = Field(1500, description="Optimizer steps.")
-    lr: PositiveFloat = Field(5e-4, description="Learning rate (1e-3 sometimes left position unlearned).")
+    lr: PositiveFloat = Field(2e-4, description="Learning rate (after CLIP pretraining of the tiny backbone).")
     batch_size: PositiveInt = Field(128, description="Pairs per step.")
     embed_dim: PositiveInt = Field(64, description="Tiny backbone projection width.")
-    tiny_width: PositiveInt = Field(64, description="Tiny backbone: hidden width of both towers.")
-    tiny_vision_layers: PositiveInt = Field(3, description="Tiny backbone: vision transformer layers.")
+    tiny_width: PositiveInt = Field(128, description="Tiny backbone: hidden width of both towers.")
+    tiny_vision_layers: PositiveInt = Field(4, description="Tiny backbone: vision transformer layers.")
     tiny_patch_size: PositiveInt | None = Field(None, description="Tiny backbone: patch side (None: largest giving >= 4x4 patches).")
     pretrain_steps: NonNegativeInt = Field(
         1500, description="Tiny backbone: CLIP pretraining steps on the world's captioned renderings (0: none)."
