@@ -56,7 +56,7 @@ class Paths(Section):
     dpo: str = Field("models/dpo", description="Diffusion-DPO LoRA adapter (diffusers format).")
     dro: str = Field("models/dro", description="Diffusion-DRO result (full UNet over the base).")
     checkpoints: str = Field(
-        "checkpoints", description="Resumable training state, one folder per stage; git-ignored, not a DVC output."
+        "checkpoints", description="Resumable training state per stage; outside every DVC output, git-ignored."
     )
     reports: str = Field("reports", description="Small JSON metrics and PNG figures.")
 
