@@ -94,3 +94,26 @@ def test_wrapped_policy_forward_keeps_the_reference_gradient_free_and_trains_onl
     with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
     assert any("conv1" in n for n in with_grad)
+
+
+def test_saved_lora_loads_back_completely_with_the_diffusers_loader(tmp_path):
+    """Every adapter, attention and conv alike, comes back through ``load_lora_weights``' unet loader."""
+    from diffusers import StableDiffusionPipeline
+
+    from prefalign.models.diffusion import save_lora
+
+    trained = tiny_unet()
+    add_lora(trained, LoraConfig(rank=2, alpha=2.0, targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_lora(trained, tmp_path)
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path))
+    fresh = tiny_unet()
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=fresh)
+    loaded = {n.replace(".default_0", ".default"): p for n, p in fresh.named_parameters() if "lora_" in n}
+    expected = {n: p for n, p in trained.named_parameters() if "lora_" in n}
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
