@@ -28,6 +28,8 @@ TINY_OVERRIDES = {
     "model.vae_channels": [32, 32],
     "model.text_hidden": 32,
     "reward.steps": 4,
+    "reward.pretrain_steps": 4,
+    "reward.pretrain_batch_size": 16,
     "reward.batch_size": 16,
     "reward.eval_every": 2,
     "dpo.steps": 3,
