@@ -29,6 +29,8 @@ from pydantic import (
 )
 
 DPOVariant = Literal["sigmoid", "hinge", "ipo"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+PolicyOptimizer = Literal["adamw", "adafactor"]
 RewardLoss = Literal["bt", "pl", "mixed"]
 PolicyMethod = Literal["dpo", "dro"]
 
@@ -53,6 +55,9 @@ class Paths(Section):
     reward: str = Field("models/reward", description="Trained reward model (CLIPModel format).")
     dpo: str = Field("models/dpo", description="Diffusion-DPO LoRA adapter (diffusers format).")
     dro: str = Field("models/dro", description="Diffusion-DRO result (full UNet over the base).")
+    checkpoints: str = Field(
+        "checkpoints", description="Resumable training state per stage; outside every DVC output, git-ignored."
+    )
     reports: str = Field("reports", description="Small JSON metrics and PNG figures.")
     checkpoints: str = Field(
         "checkpoints", description="Resumable training state per stage; outside every DVC output, git-ignored."
@@ -179,7 +184,21 @@ class LoraConfig(Section):
     )
 
 
-class DPOConfig(Section):
+class PolicyTrainerConfig(Section):
+    """Settings of the accelerate-driven policy trainer shared by DPO and DRO."""
+
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step (per process).")
+    warmup_steps: NonNegativeInt = Field(0, description="Linear warmup steps.")
+    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
+    optimizer: PolicyOptimizer = Field("adamw", description="adamw, or adafactor (transformers, relative_step off).")
+    mixed_precision: MixedPrecision = Field("no", description="no | bf16 | fp16; CUDA only, CPU always trains in fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward (less memory).")
+    checkpoint_every: NonNegativeInt = Field(
+        0, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
+    )
+
+
+class DPOConfig(PolicyTrainerConfig):
     """Offline Diffusion-DPO (Wallace et al. 2024), β in the original code's convention."""
 
     beta: PositiveFloat = Field(
@@ -189,15 +208,16 @@ class DPOConfig(Section):
     variant: DPOVariant = Field("sigmoid", description="sigmoid (paper), hinge or ipo.")
     lr: PositiveFloat = Field(1e-3, description="Learning rate.")
     steps: PositiveInt = Field(600, description="Optimizer steps.")
-    batch_size: PositiveInt = Field(32, description="Pairs per micro-batch.")
-    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    batch_size: PositiveInt = Field(32, description="Pairs per micro-batch per process.")
     warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps.")
-    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
     prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Share of pairs trained with the empty prompt.")
+    checkpoint_every: NonNegativeInt = Field(
+        100, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
-class DROConfig(Section):
+class DROConfig(PolicyTrainerConfig):
     """Hybrid Diffusion-DRO (Wu et al. 2025): expert demonstrations + online negatives."""
 
     init_from: Literal["dpo", "base"] = Field("dpo", description="Start from the DPO result or from the base.")
@@ -206,11 +226,22 @@ class DROConfig(Section):
     margin: NonNegativeFloat = Field(1e-3, description="Hinge margin m.")
     lr: PositiveFloat = Field(5e-4, description="Learning rate.")
     steps: PositiveInt = Field(150, description="Optimizer steps.")
-    batch_size: PositiveInt = Field(16, description="Expert/policy samples per step.")
+    batch_size: PositiveInt = Field(16, description="Expert/policy samples per micro-batch per process.")
     sample_steps: PositiveInt = Field(10, description="DPM-Solver++ steps of the online sampler.")
     guidance: NonNegativeFloat = Field(1.0, description="Guidance scale of the online sampler (1 = none, as published).")
     reuse: PositiveInt = Field(4, description="Optimizer updates served by one recorded batch of trajectories.")
-    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
+    sync_every: PositiveInt = Field(
+        1, description="The sampler's copy of the adapter re-syncs with the trained one every M updates (published 1)."
+    )
+    timestep_jitter: NonNegativeInt = Field(
+        0, description="Per-round offset U{-j..j} added to the sampler's timestep grid (0: the plain grid)."
+    )
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="EMA decay of the adapter weights, exported when > 0 (0: off; published .9999)."
+    )
+    checkpoint_every: NonNegativeInt = Field(
+        50, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 

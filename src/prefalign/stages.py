@@ -244,8 +244,24 @@ def _finish_policy(cfg, tracker, out: Path, history, name: str) -> dict[str, Any
     return {"steps": history.steps, **{f"final_{k}": v for k, v in final.items()}}
 
 
+def checkpoint_dir(stage: str, cfg: PipelineConfig) -> Path:
+    """``<paths.checkpoints>/<stage>``: resumable state, outside the stage's DVC output (DVC deletes those)."""
+    return _p(cfg, "checkpoints") / stage
+
+
+def _drop_checkpoints(stage: str, cfg: PipelineConfig) -> None:
+    # The outputs are written: the checkpoints served their purpose (resuming this run). Keeping them would
+    # make the next run with another config or data stop at the fingerprint check.
+    shutil.rmtree(checkpoint_dir(stage, cfg), ignore_errors=True)
+
+
 def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
-    """Offline Diffusion-DPO from the base model on the train pairs; ties dropped and counted."""
+    """Offline Diffusion-DPO from the base model on the train pairs; ties dropped and counted.
+
+    Ties (label 0.5) are always dropped: the published loss has no tie form and a tie kept in source
+    order would be trained as a win. Their count is logged, tracked (``dpo.ties_dropped``) and in the summary.
+    Resumes from ``<paths.checkpoints>/train_dpo`` when an interrupted run of the same config left one.
+    """
     from prefalign.models.diffusion import load_base_unet, save_lora
     from prefalign.training.features import load_features
     from prefalign.training.policy import train_dpo
@@ -256,19 +272,28 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
         pairs = _load_pairs(cfg, "train")
         ties = int((pairs.label == 0.5).sum())
         pairs = pairs[pairs.label == 1.0]
+        log.info("train_dpo: %d strict pairs, %d ties dropped", len(pairs), ties)
         tracker.log_params({"dpo.ties_dropped": ties, "dpo.train_pairs": len(pairs)})
         unet = load_base_unet(_p(cfg, "base_model"))
         history = train_dpo(unet, pairs.image_w.tolist(), pairs.image_l.tolist(), pairs.prompt.tolist(),
-                            load_features(_p(cfg, "features")), cfg.dpo, seed=cfg.seed, log_metrics=tracker.log_metrics)
+                            load_features(_p(cfg, "features")), cfg.dpo, seed=cfg.seed, log_metrics=tracker.log_metrics,
+                            checkpoint_dir=checkpoint_dir("train_dpo", cfg))
         save_lora(unet, out)
         summary = {"train_pairs": len(pairs), "ties_dropped": ties, **_finish_policy(cfg, tracker, out, history, "dpo")}
         _write_json(out / "summary.json", summary)
+    _drop_checkpoints("train_dpo", cfg)
     return summary
 
 
 # --------------------------------------------------------------------------------------------- train_dro
 def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
-    """Hybrid Diffusion-DRO: reward-selected experts + online negatives; exported as a full UNet."""
+    """Hybrid Diffusion-DRO: reward-selected experts + online negatives; exported as a full UNet.
+
+    The export is a full ``unet/`` folder, not a LoRA file: DRO's adapter is trained on top of the DPO
+    adapter merged into the base (``dro.init_from: dpo``), so it is no adapter of the base model. With
+    ``dro.ema_decay`` > 0 the EMA of the adapter is what gets merged. Resumes from
+    ``<paths.checkpoints>/train_dro`` when an interrupted run of the same config left one.
+    """
     from prefalign.models.diffusion import unet_with_policy
     from prefalign.training.features import load_features
     from prefalign.training.policy import merge_and_strip_lora, train_dro
@@ -287,12 +312,14 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
         # The DPO adapter is merged into the weights, which become DRO's reference; a new adapter trains on top.
         unet = unet_with_policy(_p(cfg, "base_model"), init_dir)
         history = train_dro(unet, experts.image.tolist(), experts.prompt.tolist(), load_features(_p(cfg, "features")),
-                            cfg.dro, seed=cfg.seed, log_metrics=tracker.log_metrics)
+                            cfg.dro, seed=cfg.seed, log_metrics=tracker.log_metrics,
+                            checkpoint_dir=checkpoint_dir("train_dro", cfg))
         merge_and_strip_lora(unet)
         unet.save_pretrained(str(out / "unet"), safe_serialization=True)
         summary = {"experts": len(experts), "init_from": cfg.dro.init_from,
                    **_finish_policy(cfg, tracker, out, history, "dro")}
         _write_json(out / "summary.json", summary)
+    _drop_checkpoints("train_dro", cfg)
     return summary
 
 

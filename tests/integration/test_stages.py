@@ -37,6 +37,19 @@ def test_every_stage_writes_its_outputs(ran, pipeline_root):
     assert (pipeline_root / "reports/validation.json").is_file()
 
 
+def test_dpo_drops_ties_and_finished_runs_leave_no_checkpoints(ran, pipeline_root):
+    import pandas as pd
+
+    _, summaries = ran
+    pairs = pd.read_parquet(pipeline_root / "data/preferences/pairs.parquet")
+    train = pairs[pairs.split == "train"]
+    assert summaries["train_dpo"]["ties_dropped"] == int((train.label == 0.5).sum())
+    assert summaries["train_dpo"]["train_pairs"] == int((train.label == 1.0).sum())
+    # checkpoints are for resuming an interrupted run; a finished stage removes them
+    assert not (pipeline_root / "checkpoints/train_dpo").exists()
+    assert not (pipeline_root / "checkpoints/train_dro").exists()
+
+
 def test_each_stage_records_its_mlflow_run(ran, pipeline_root):
     for out in ("data/world", "models/base", "data/preferences", "data/features", "models/reward", "models/dpo",
                 "models/dro", "reports/eval", "reports/validation"):

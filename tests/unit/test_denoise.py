@@ -62,3 +62,58 @@ def test_lora_target_that_matches_nothing_is_rejected():
 
     with pytest.raises(ValueError, match="to_nothing"):
         add_lora(tiny_unet(), LoraConfig(targets=("to_q", "to_nothing")))
+
+
+class ForwardOnly(torch.nn.Module):
+    """Stands in for DistributedDataParallel: forwards calls, has no ``disable_adapters``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_wrapped_policy_forward_keeps_the_reference_gradient_free_and_trains_only_lora():
+    from prefalign.losses.diffusion import diffusion_dro_loss
+    from prefalign.training.denoise import policy_and_reference_errors
+
+    unet = tiny_unet()
+    add_lora(unet, LoraConfig(rank=2, alpha=2.0, targets=("to_q", "to_v", "conv1")))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    # DRO's layout: experts then policy states in one forward
+    noisy, t, cond, target = torch.randn(4, 4, 8, 8), torch.tensor([10, 500, 10, 500]), torch.randn(4, 5, 16), torch.randn(4, 4, 8, 8)
+    err, ref_err = policy_and_reference_errors(ForwardOnly(unet), unet, noisy, t, cond, target)
+    assert err.requires_grad and not ref_err.requires_grad
+    assert not torch.allclose(err, ref_err)
+    diffusion_dro_loss(err[:2], ref_err[:2], err[2:], ref_err[2:], margin=1.0).mean().backward()
+    with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert any("conv1" in n for n in with_grad)
+
+
+def test_saved_lora_loads_back_completely_with_the_diffusers_loader(tmp_path):
+    """Every adapter, attention and conv alike, comes back through ``load_lora_weights``' unet loader."""
+    from diffusers import StableDiffusionPipeline
+
+    from prefalign.models.diffusion import save_lora
+
+    trained = tiny_unet()
+    add_lora(trained, LoraConfig(rank=2, alpha=2.0, targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_lora(trained, tmp_path)
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path))
+    fresh = tiny_unet()
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=fresh)
+    loaded = {n.replace(".default_0", ".default"): p for n, p in fresh.named_parameters() if "lora_" in n}
+    expected = {n: p for n, p in trained.named_parameters() if "lora_" in n}
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)

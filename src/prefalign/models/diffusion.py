@@ -184,13 +184,18 @@ def add_lora(unet: UNet2DConditionModel, lora: LoraConfig, *, adapter_name: str 
 
 
 def save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
-    """Write the adapter in the diffusers format that ``pipeline.load_lora_weights`` reads."""
+    """Write the adapter in the diffusers format that ``pipeline.load_lora_weights`` reads.
+
+    Keys stay in peft's ``lora_A``/``lora_B`` naming under the ``unet.`` prefix, which the diffusers
+    loader reads as is. ``convert_state_dict_to_diffusers`` must not be applied: it renames only the
+    attention projections (to ``lora.down``/``lora.up``), and with conv targets beside them the loader
+    sees peft keys, takes the file as peft and silently skips every attention adapter.
+    """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state, safe_serialization=True)
     return folder / LORA_FILE
 

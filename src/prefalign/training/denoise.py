@@ -48,12 +48,37 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
+def policy_and_reference_errors(
+    policy, reference, noisy: Tensor, timesteps: Tensor, cond: Tensor, target: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(err, ref_err) when the trained forward goes through a wrapper (e.g. DistributedDataParallel).
+
+    Args:
+        policy: the module called with grad; may wrap ``reference`` (DDP syncs gradients through it).
+        reference: the bare peft-adapted UNet whose adapters are switched off for the reference pass; a
+            DDP wrapper has no ``disable_adapters`` and must not see a no-grad forward.
+        noisy, timesteps, cond, target: one batch x_t, t, c and the regression target ε.
+
+    Returns:
+        ``(err, ref_err)``, both ``(B,)``; ``ref_err`` carries no graph.
+    """
+    err = per_sample_mse(policy(noisy, timesteps, encoder_hidden_states=cond).sample, target)
+    with adapters_disabled(reference):
+        ref_err = per_sample_mse(reference(noisy, timesteps, encoder_hidden_states=cond).sample, target)
+    return err, ref_err
+
+
 def denoising_errors(unet, noisy: Tensor, timesteps: Tensor, cond: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(err, ref_err) of one batch: the trained UNet with grad, the reference without."""
-    err = per_sample_mse(unet(noisy, timesteps, encoder_hidden_states=cond).sample, target)
-    with adapters_disabled(unet):
-        ref_err = per_sample_mse(unet(noisy, timesteps, encoder_hidden_states=cond).sample, target)
-    return err, ref_err
+    return policy_and_reference_errors(unet, unet, noisy, timesteps, cond, target)
+
+
+def stack_pair(
+    scheduler, latents_w: Tensor, latents_l: Tensor, cond: Tensor, timesteps: Tensor, noise: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Winners then losers along the batch, noised with the same (t, ε): (x_t, t, c, ε) of size 2B."""
+    noisy = torch.cat([scheduler.add_noise(latents_w, noise, timesteps), scheduler.add_noise(latents_l, noise, timesteps)])
+    return noisy, timesteps.repeat(2), cond.repeat(2, 1, 1), noise.repeat(2, 1, 1, 1)
 
 
 def pair_denoising_errors(
@@ -61,6 +86,5 @@ def pair_denoising_errors(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(err_w, err_l, ref_err_w, ref_err_l) with shared t and ε, one batched forward for both images."""
     batch = latents_w.shape[0]
-    noisy = torch.cat([scheduler.add_noise(latents_w, noise, timesteps), scheduler.add_noise(latents_l, noise, timesteps)])
-    err, ref_err = denoising_errors(unet, noisy, timesteps.repeat(2), cond.repeat(2, 1, 1), noise.repeat(2, 1, 1, 1))
+    err, ref_err = denoising_errors(unet, *stack_pair(scheduler, latents_w, latents_l, cond, timesteps, noise))
     return err[:batch], err[batch:], ref_err[:batch], ref_err[batch:]
