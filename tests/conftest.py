@@ -29,6 +29,8 @@ TINY_OVERRIDES = {
     "model.text_hidden": 32,
     "reward.steps": 4,
     "reward.pretrain_steps": 4,
+    "reward.tiny_width": 32,
+    "reward.tiny_vision_layers": 2,
     "reward.pretrain_batch_size": 16,
     "reward.batch_size": 16,
     "reward.eval_every": 2,
