@@ -182,6 +182,20 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def publish_checkpoint(tmp: Path, final: Path) -> Path:
+    """Make the complete folder ``tmp`` the checkpoint ``final``: fsync its contents, then one rename.
+
+    A folder named ``final`` can only be left by a run that crashed after writing this same step (never a
+    newer one), so it is replaced.
+    """
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log.info("checkpoint %s written", final)
+    return final
+
+
 def save_training_state(
     accelerator: Accelerator, root: Path, step: int, identity: RunIdentity, *, history: dict[str, list[float]],
     shared: Mapping[str, Tensor] | None = None, local: Mapping[str, Tensor] | None = None,
@@ -221,11 +235,7 @@ def save_training_state(
     if accelerator.is_main_process:
         meta = {"step": step, "fingerprint": identity.fingerprint, "identity": asdict(identity)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _fsync_tree(tmp)
-        if final.exists():  # only a folder left by a run that crashed after this step; never a newer one
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        log.info("checkpoint %s written", final)
+        publish_checkpoint(tmp, final)
     accelerator.wait_for_everyone()
     return final
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from prefalign.config import RewardConfig
 from prefalign.losses.reward import bradley_terry_loss, clip_contrastive_loss, plackett_luce_loss
 from prefalign.models.reward_model import MAX_LOGIT_SCALE, RewardScorer, resize_image
+from prefalign.training.checkpoints import META_FILE, complete_checkpoints, publish_checkpoint
 from prefalign.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -643,7 +643,7 @@ def _row_streams(
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-CHECKPOINT_META = "checkpoint.json"
+CHECKPOINT_META = META_FILE  # the shared layout: its presence marks a complete checkpoint
 
 
 def training_fingerprint(cfg: RewardConfig, train: RewardData, seed: int) -> str:
@@ -679,9 +679,8 @@ def _save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: t
     meta = {"step": step, "fingerprint": fingerprint, "history": history,
             "best": {"key": best.key, "accuracy": best.accuracy, "step": best.step, "stale": best.stale}}
     (tmp / CHECKPOINT_META).write_text(json.dumps(meta))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for older in root.glob("step_*"):
+    publish_checkpoint(tmp, final)
+    for _, older in complete_checkpoints(root):
         if older != final:
             shutil.rmtree(older, ignore_errors=True)
     return final
@@ -694,12 +693,10 @@ def latest_checkpoint(root: Path | None, fingerprint: str) -> Path | None:
         ValueError: the newest checkpoint belongs to another run (config, seed or data differ); the
             message names the folder, so the user can delete it deliberately.
     """
-    if root is None or not root.is_dir():
-        return None
-    done = [p for p in root.glob("step_*") if (p / CHECKPOINT_META).is_file()]
+    done = complete_checkpoints(root) if root is not None else []
     if not done:
         return None
-    newest = max(done, key=lambda p: int(p.name.removeprefix("step_")))
+    newest = done[-1][1]
     if json.loads((newest / CHECKPOINT_META).read_text())["fingerprint"] != fingerprint:
         raise ValueError(f"{newest}: a checkpoint of a different reward run (config, seed or data differ); "
                          "delete that folder to start afresh, or point paths.checkpoints elsewhere")
