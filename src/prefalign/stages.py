@@ -213,6 +213,17 @@ def run_featurize(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ train_reward
+def checkpoint_dir(stage: str, cfg: PipelineConfig) -> Path:
+    """``<paths.checkpoints>/<stage>``: resumable state, outside the stage's DVC output (DVC deletes those)."""
+    return _p(cfg, "checkpoints") / stage
+
+
+def _drop_checkpoints(stage: str, cfg: PipelineConfig) -> None:
+    # The outputs are written: the checkpoints served their purpose (resuming this run). Keeping them would
+    # make the next run with another config or data stop at the fingerprint check.
+    shutil.rmtree(checkpoint_dir(stage, cfg), ignore_errors=True)
+
+
 def run_train_reward(cfg: PipelineConfig) -> dict[str, Any]:
     """Train the reward model (BT / PL) and report held-out accuracy next to the Bayes rate."""
     from prefalign.training.reward_stage import train_and_evaluate_reward
@@ -220,9 +231,10 @@ def run_train_reward(cfg: PipelineConfig) -> dict[str, Any]:
     _torch_setup(cfg)
     out = _fresh_dir(stage_out_dir("train_reward", cfg))
     with stage_run(cfg, "train_reward", out_dir=out, upstream=[_p(cfg, "preferences"), _p(cfg, "world")]) as tracker:
-        report = train_and_evaluate_reward(cfg, out, tracker)
+        report = train_and_evaluate_reward(cfg, out, tracker, checkpoint_dir=checkpoint_dir("train_reward", cfg))
         _write_json(_p(cfg, "reports") / "reward.json", report)
         tracker.log_metrics({f"reward/{k}": float(v) for k, v in report.items() if isinstance(v, int | float)})
+    _drop_checkpoints("train_reward", cfg)
     return {k: v for k, v in report.items() if not isinstance(v, dict | list)}
 
 
@@ -242,17 +254,6 @@ def _finish_policy(cfg, tracker, out: Path, history, name: str) -> dict[str, Any
     final = {k: float(np.mean(v[-20:])) for k, v in history.metrics.items()}
     tracker.log_metrics({f"{name}/final_{k}": v for k, v in final.items()})
     return {"steps": history.steps, **{f"final_{k}": v for k, v in final.items()}}
-
-
-def checkpoint_dir(stage: str, cfg: PipelineConfig) -> Path:
-    """``<paths.checkpoints>/<stage>``: resumable state, outside the stage's DVC output (DVC deletes those)."""
-    return _p(cfg, "checkpoints") / stage
-
-
-def _drop_checkpoints(stage: str, cfg: PipelineConfig) -> None:
-    # The outputs are written: the checkpoints served their purpose (resuming this run). Keeping them would
-    # make the next run with another config or data stop at the fingerprint check.
-    shutil.rmtree(checkpoint_dir(stage, cfg), ignore_errors=True)
 
 
 def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +63,12 @@ def _pretrain_backbone(cfg: PipelineConfig, scorer, out: Path, tracker) -> Path:
                       title="reward backbone: CLIP pretraining on captioned renderings")
 
 
-def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]:
-    """Train on train, early-stop on val, report on test; the model is saved to ``out`` (CLIPModel format)."""
+def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker, *, checkpoint_dir: Path | None = None
+                              ) -> dict[str, Any]:
+    """Train on train, early-stop on val, report on test; the model is saved to ``out`` (CLIPModel format).
+
+    ``checkpoint_dir``: resumable training state (see ``train_reward_model``); the caller removes it once done.
+    """
     from prefalign.data.schema import ImageStore
     from prefalign.evaluation.figures import calibration_plot, loss_curve
     from prefalign.training.reward import RewardData, evaluate_reward, train_reward_model
@@ -77,11 +80,9 @@ def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker) -> dict[s
               for s, keep in (("train", cfg.reward.keep_ties), ("val", True), ("test", True))}
     scorer = _scorer(cfg)
     figures = [_pretrain_backbone(cfg, scorer, out, tracker)] if cfg.reward.backbone == "tiny" and cfg.reward.pretrain_steps else []
-    checkpoints = cfg.paths.resolve("checkpoints") / "train_reward"
     result = train_reward_model(scorer, cfg.reward, splits["train"], splits["val"], seed=cfg.seed,
-                                log_metrics=tracker.log_metrics, checkpoint_dir=checkpoints)
+                                log_metrics=tracker.log_metrics, checkpoint_dir=checkpoint_dir)
     scorer.save(out)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # crash recovery only: a finished run needs none
     metrics, scores = evaluate_reward(scorer, splits["test"])
     report = {**metrics, "bayes_accuracy": bayes_of_split(cfg, splits["test"], scores),
               "best_val_accuracy": result.best_val_accuracy, "steps_run": result.steps_run, "loss": cfg.reward.loss,
