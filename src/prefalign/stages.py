@@ -263,6 +263,7 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
     order would be trained as a win. Their count is logged, tracked (``dpo.ties_dropped``) and in the summary.
     Resumes from ``<paths.checkpoints>/train_dpo`` when an interrupted run of the same config left one.
     """
+    from prefalign.data.prepare import drop_ties
     from prefalign.models.diffusion import load_base_unet, save_lora
     from prefalign.training.features import load_features
     from prefalign.training.policy import train_dpo
@@ -270,9 +271,7 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
     _torch_setup(cfg)
     out = _fresh_dir(stage_out_dir("train_dpo", cfg))
     with stage_run(cfg, "train_dpo", out_dir=out, upstream=[_p(cfg, "features"), _p(cfg, "base_model")]) as tracker:
-        pairs = _load_pairs(cfg, "train")
-        ties = int((pairs.label == 0.5).sum())
-        pairs = pairs[pairs.label == 1.0]
+        pairs, ties = drop_ties(_load_pairs(cfg, "train"))
         log.info("train_dpo: %d strict pairs, %d ties dropped", len(pairs), ties)
         tracker.log_params({"dpo.ties_dropped": ties, "dpo.train_pairs": len(pairs)})
         unet = load_base_unet(_p(cfg, "base_model"))
