@@ -20,8 +20,7 @@ rests on three rules:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +46,7 @@ from prefalign.training.checkpoints import (
     weights_sha,
 )
 from prefalign.training.denoise import keyed_timesteps_and_noise, policy_and_reference_errors, stack_pair
+from prefalign.training.weights import ShadowWeights
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -158,49 +158,6 @@ def make_optimizer(params: list[Tensor], cfg: DPOConfig | DROConfig):
     warmup = max(1, cfg.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     return opt, sched
-
-
-class ShadowWeights:
-    """A detached copy of the trainable (LoRA) weights: DRO's lagged sampler adapter, or their EMA."""
-
-    def __init__(self, params: Mapping[str, Tensor]) -> None:
-        self.tensors = {name: p.detach().clone() for name, p in params.items()}
-
-    @torch.no_grad()
-    def copy_from(self, params: Mapping[str, Tensor]) -> None:
-        for name, p in params.items():
-            self.tensors[name].copy_(p)
-
-    @torch.no_grad()
-    def ema_update(self, params: Mapping[str, Tensor], decay: float) -> None:
-        """θ_ema ← d·θ_ema + (1 − d)·θ."""
-        for name, p in params.items():
-            self.tensors[name].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
-
-    @torch.no_grad()
-    def copy_into(self, params: Mapping[str, Tensor]) -> None:
-        for name, p in params.items():
-            p.copy_(self.tensors[name])
-
-    @contextmanager
-    def swapped_in(self, params: Mapping[str, Tensor]) -> Iterator[None]:
-        """These weights in the model for the block, the trained ones restored bit for bit after it."""
-        saved = {name: p.detach().clone() for name, p in params.items()}
-        self.copy_into(params)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name])
-
-    def state(self, prefix: str) -> dict[str, Tensor]:
-        return {prefix + name: t for name, t in self.tensors.items()}
-
-    def load(self, stored: Mapping[str, Tensor], prefix: str) -> None:
-        with torch.no_grad():
-            for name, t in self.tensors.items():
-                t.copy_(stored[prefix + name].to(t.device))
 
 
 @dataclass
@@ -495,8 +452,9 @@ def _record_round(run: PolicyRun, sampler_copy: ShadowWeights, data: _ExpertData
     x_T = torch.stack([torch.randn(shape, generator=keyed_generator(seed, "dro-sample", int(i))) for i in ids])
     grid = sampler_grid(cfg.sample_steps, cfg.timestep_jitter, seed=seed, round_id=round_id)
     run.model.eval()
+    cond_rows = drop_prompts(data.rows_c[items], ids, cfg.prompt_dropout, data.feats.empty_prompt_row, seed=seed)
     with sampler_copy.swapped_in(run.params), run.accelerator.autocast():
-        states, times, eps = record_trajectories(run.model, data.feats.text[data.rows_c[items]].to(run.device),
+        states, times, eps = record_trajectories(run.model, data.feats.text[cond_rows].to(run.device),
                                                  data.uncond.to(run.device), steps=cfg.sample_steps,
                                                  guidance=cfg.guidance, initial_noise=x_T, timesteps=grid)
     run.model.train()
@@ -504,12 +462,21 @@ def _record_round(run: PolicyRun, sampler_copy: ShadowWeights, data: _ExpertData
 
 
 def _dro_micro_errors(run: PolicyRun, scheduler, data: _ExpertData, buffer: dict[str, Tensor], ids: np.ndarray,
-                      step: int, seed: int):
+                      step: int, seed: int, cfg: DROConfig):
     """(err_expert, ref_err_expert, err_policy, ref_err_policy) of the global samples ``ids`` at ``step``.
 
     Each sample draws, keyed by (step, sample), which recorded state x_t it trains on and the fresh noise
-    ē of its expert, which is diffused to the same t; both halves go through one forward (DDP allows one
-    forward per backward).
+    ē of its expert, which is diffused to the same t.
+
+    A sample whose prompt was dropped (``cfg.prompt_dropout``, keyed by sample) was sampled and trains
+    with the empty prompt, as published.
+
+    ``policy_target="recorded"``: the regression target of the policy half is the recorded ε_pol; both
+    halves go through one forward (DDP allows one forward per backward). ``"current"``: the target is
+    ε_φ(x_t) of the adapter being trained, as in the published code, whose sampler equals φ throughout
+    each accumulation window: P_φ is then exactly 0 with zero gradient, so only the expert half needs
+    a forward with gradient, and the policy half costs two no-grad forwards (adapter on and off) that
+    give P_ref = ||ε_ref(x_t) − ε_φ(x_t)||².
     """
     items = torch.from_numpy(keyed_order(data.n_experts, ids, seed=seed, purpose="dro-order"))
     n_states, batch = buffer["states"].shape[:2]
@@ -520,7 +487,14 @@ def _dro_micro_errors(run: PolicyRun, scheduler, data: _ExpertData, buffer: dict
     rows = torch.arange(batch, device=run.device)
     x_t, t, target_pol = buffer["states"][which, rows], buffer["times"][which, rows], buffer["eps"][which, rows]
     noisy_expert = scheduler.add_noise(data.feats.latents[data.rows_x[items]].to(run.device), noise, t)
-    cond = data.feats.text[data.rows_c[items]].to(run.device)
+    cond_rows = drop_prompts(data.rows_c[items], ids, cfg.prompt_dropout, data.feats.empty_prompt_row, seed=seed)
+    cond = data.feats.text[cond_rows].to(run.device)
+    if cfg.policy_target == "current":
+        err_expert, ref_err_expert = policy_and_reference_errors(run.unet, run.model, noisy_expert, t, cond, noise)
+        with torch.no_grad():
+            eps_current = run.model(x_t, t, encoder_hidden_states=cond).sample.float()
+        _, ref_err_policy = policy_and_reference_errors(None, run.model, x_t, t, cond, eps_current)
+        return err_expert, ref_err_expert, torch.zeros_like(ref_err_policy), ref_err_policy
     err, ref_err = policy_and_reference_errors(run.unet, run.model, torch.cat([noisy_expert, x_t]), t.repeat(2),
                                                cond.repeat(2, 1, 1), torch.cat([noise, target_pol]))
     return err[:batch], ref_err[:batch], err[batch:], ref_err[batch:]
@@ -594,7 +568,7 @@ def train_dro(
             ids = run.sample_ids(round_id, micro, cfg, cfg.batch_size)
             with run.accelerator.accumulate(run.unet):
                 with run.accelerator.autocast():
-                    errs = _dro_micro_errors(run, scheduler, data, buffers[micro], ids, step, seed)
+                    errs = _dro_micro_errors(run, scheduler, data, buffers[micro], ids, step, seed, cfg)
                     loss = diffusion_dro_loss(*errs, margin=cfg.margin).mean()
                 run.accelerator.backward(loss)
                 lr = run.lr_scheduler.get_last_lr()[0]
