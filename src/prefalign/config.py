@@ -172,6 +172,12 @@ class RewardConfig(Section):
     pretrain_batch_size: PositiveInt = Field(256, description="Tiny backbone: captioned images per pretraining step.")
     eval_every: PositiveInt = Field(100, description="Validation accuracy every N steps (early stopping).")
     patience: PositiveInt = Field(6, description="Evaluations without improvement before stopping.")
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="EMA of the weights, validated and kept instead of the raw ones (0: off)."
+    )
+    mirror_augment: bool = Field(
+        False, description="Train each example mirrored with probability 1/2: images flipped, left/right swapped in the prompt."
+    )
 
 
 class LoraConfig(Section):
@@ -232,6 +238,14 @@ class DROConfig(PolicyTrainerConfig):
     reuse: PositiveInt = Field(4, description="Optimizer updates served by one recorded batch of trajectories.")
     sync_every: PositiveInt = Field(
         1, description="The sampler's copy of the adapter re-syncs with the trained one every M updates (published 1)."
+    )
+    prompt_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of samples drawn and trained with the empty prompt (published 0.2)."
+    )
+    policy_target: Literal["recorded", "current"] = Field(
+        "recorded",
+        description="Target of the policy term: the recorded ε_pol (lags up to reuse-1 updates), or ε_φ(x_t) of the "
+        "current adapter (the published M = 1: P_φ = 0, the term is a threshold).",
     )
     timestep_jitter: NonNegativeInt = Field(
         0, description="Per-round offset U{-j..j} added to the sampler's timestep grid (0: the plain grid)."

@@ -272,14 +272,17 @@ class _Crash(RuntimeError):
     pass
 
 
+@pytest.mark.parametrize(("ema_decay", "mirror"), [(0.0, False), (0.9, True)])
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(demo: DemoSplits, single_thread: None,
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path, ema_decay: float,
+                                                                      mirror: bool) -> None:
     from prefalign.training.reward import latest_checkpoint
 
     def split(name: str) -> RewardData:
         return RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split=name)
 
-    cfg = RewardConfig(steps=60, batch_size=32, lr=5e-4, eval_every=20, patience=10)
+    cfg = RewardConfig(steps=60, batch_size=32, lr=5e-4, eval_every=20, patience=10, ema_decay=ema_decay,
+                       mirror_augment=mirror)
     train, val = split("train"), split("val")
 
     def fresh() -> RewardScorer:
@@ -304,3 +307,27 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(demo: DemoSp
 
     with pytest.raises(ValueError, match="different reward run"):
         latest_checkpoint(tmp_path, "another fingerprint")
+
+
+def test_ema_weights_are_the_ones_validated_and_kept(demo: DemoSplits, single_thread: None) -> None:
+    from prefalign.training.reward import ema_decay_at
+
+    assert ema_decay_at(0.99, 0) == pytest.approx(0.1) and ema_decay_at(0.99, 10_000) == 0.99
+
+    def split(name: str) -> RewardData:
+        return RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split=name)
+
+    def run(ema_decay: float) -> tuple[RewardScorer, TrainResult]:
+        scorer = load_backbone("tiny", tokenizer=build_tokenizer(vocabulary_words()), image_size=16, seed=0)
+        cfg = RewardConfig(steps=40, batch_size=32, lr=5e-4, eval_every=40, patience=10, ema_decay=ema_decay)
+        return scorer, train_reward_model(scorer, cfg, split("train"), split("val"), seed=0, progress=False)
+
+    raw, raw_result = run(0.0)
+    averaged, averaged_result = run(0.9)
+    # Same data, seed and steps: only the EMA separates them, and its weights are what was validated.
+    assert raw_result.best_step == averaged_result.best_step == 40
+    differs = [not torch.equal(a, b) for a, b in zip(raw.model.parameters(), averaged.model.parameters(), strict=True)]
+    assert any(differs)
+    val = split("val")
+    accuracy = evaluate_reward(averaged, val)[0]["pairwise_accuracy"]
+    assert accuracy == pytest.approx(averaged_result.best_val_accuracy)

@@ -79,3 +79,18 @@ def test_dedupe_pairs_appends_only_new_ids():
     assert merged.iloc[:2].equals(existing)  # existing rows untouched, in order
     assert dedupe_pairs(merged, new).pair_id.tolist() == ["a", "b", "c", "d"]  # re-import adds nothing
     assert dedupe_pairs(pd.DataFrame(), new).pair_id.tolist() == ["b", "c", "d"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "mirrored"),
+    [
+        ("a small red circle at the top left on a blue background", "a small red circle at the top right on a blue background"),
+        ("Left of the leftover RIGHT tree, bright", "Right of the leftover LEFT tree, bright"),
+        ("a dog at the center", "a dog at the center"),
+    ],
+)
+def test_mirror_prompt_swaps_whole_words_left_and_right(prompt, mirrored):
+    from prefalign.data.prepare import mirror_prompt
+
+    assert mirror_prompt(prompt) == mirrored
+    assert mirror_prompt(mirrored) == prompt

@@ -192,3 +192,14 @@ def test_batch_scoring_is_fast_enough(clean16):
     start = time.perf_counter()
     oracle_scores(prompts, images)
     assert time.perf_counter() - start < 2.0  # measured ~0.25 s on one loaded core
+
+
+def test_oracle_is_mirror_symmetric():
+    """A flipped image with left/right swapped in its prompt is judged exactly as the original (the reward
+    model's mirror augmentation rests on this)."""
+    from prefalign.data.prepare import mirror_prompt
+
+    rng = np.random.default_rng(5)
+    images = np.stack([_generated_like(a, 16, rng) for a in ATTRS])
+    mirrored = oracle_scores([mirror_prompt(p) for p in PROMPTS], images[:, :, ::-1].copy())
+    np.testing.assert_allclose(mirrored, oracle_scores(PROMPTS, images), atol=1e-12)

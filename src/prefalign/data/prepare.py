@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from typing import Literal
 
 import numpy as np
@@ -95,3 +96,17 @@ def dedupe_pairs(existing: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     if fresh.empty:
         return existing.reset_index(drop=True)
     return pd.concat([existing, fresh], ignore_index=True)
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
+_MIRRORED_WORD = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def mirror_prompt(prompt: str) -> str:
+    """The prompt of the horizontally flipped image: the words "left" and "right" swapped, case kept.
+
+    A flipped image with this prompt is judged exactly as the original with its own (the demo world's
+    oracle is mirror-symmetric to 1e-15); on real data it holds for what prompts say about layout, not for
+    mirrored text inside an image, which is why augmentation with it is an option.
+    """
+    return _LEFT_RIGHT.sub(lambda match: _MIRRORED_WORD[match.group(1)], prompt)

@@ -5,12 +5,15 @@ The loop stays linear: batch of pairs/rankings -> ``RewardScorer`` scores -> los
 it, keeping the best weights. Every image of a split is decoded once, up front, into a uint8 tensor;
 batches index into it, so a step costs only the forward and backward passes.
 
-No augmentation: on the demo world colour and position *are* the preference signal, so flips, crops or
-colour jitter would teach the model to ignore exactly what it must judge.
+The one augmentation is the mirror (``reward.mirror_augment``): both images of a pair flipped
+horizontally and "left"/"right" swapped in the prompt, which leaves every judgement unchanged (the demo
+oracle is exactly mirror-symmetric) and doubles the distinct examples. Crops or colour jitter would not:
+on the demo world colour and position *are* the preference signal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,9 +31,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefalign.config import RewardConfig
+from prefalign.data.prepare import mirror_prompt
 from prefalign.losses.reward import bradley_terry_loss, clip_contrastive_loss, plackett_luce_loss
 from prefalign.models.reward_model import MAX_LOGIT_SCALE, RewardScorer, resize_image
 from prefalign.training.checkpoints import META_FILE, complete_checkpoints, publish_checkpoint
+from prefalign.training.weights import ShadowWeights
 from prefalign.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -226,9 +231,26 @@ class _SplitTensors:
     pixels: Tensor
 
     @classmethod
-    def of(cls, scorer: RewardScorer, data: RewardData) -> _SplitTensors:
-        input_ids, attention_mask = scorer.tokenize(data.prompts)
-        return cls(data, input_ids, attention_mask, scorer.uint8_pixels(data.images))
+    def of(cls, scorer: RewardScorer, data: RewardData, *, mirrored: bool = False) -> _SplitTensors:
+        """With ``mirrored``, prompt row ``i + P`` is ``mirror_prompt`` of prompt ``i`` and image row ``j + M``
+        the horizontal flip of image ``j`` (P prompts, M images), for ``_mirror_rows``."""
+        prompts = [*data.prompts, *map(mirror_prompt, data.prompts)] if mirrored else data.prompts
+        input_ids, attention_mask = scorer.tokenize(prompts)
+        pixels = scorer.uint8_pixels(data.images)
+        if mirrored:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        return cls(data, input_ids, attention_mask, pixels)
+
+
+def _mirror_rows(tensors: _SplitTensors, prompt_rows: np.ndarray, image_rows: np.ndarray,
+                 flip: np.ndarray | None) -> tuple[Tensor, Tensor]:
+    """Prompt rows ``(N,)`` and image rows ``(N, ...)`` on the device, each example's moved to the mirrored
+    copies (see ``_SplitTensors.of``) where its ``flip`` is True."""
+    device = tensors.pixels.device
+    if flip is not None:
+        prompt_rows = prompt_rows + flip * len(tensors.data.prompts)
+        image_rows = image_rows + flip.reshape(flip.shape + (1,) * (image_rows.ndim - 1)) * len(tensors.data.images)
+    return torch.from_numpy(prompt_rows).to(device), torch.from_numpy(image_rows).to(device)
 
 
 def _embed_text_rows(scorer: RewardScorer, tensors: _SplitTensors, rows: Tensor) -> Tensor:
@@ -244,12 +266,17 @@ def _embed_image_rows(scorer: RewardScorer, tensors: _SplitTensors, rows: Tensor
 
 
 # ------------------------------------------------------------------------------------------ the losses
-def _pair_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray) -> tuple[Tensor, float]:
-    """Weighted mean BT loss of pair ``rows`` (ties with the soft label) and the batch's accuracy."""
+def _pair_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray,
+                     flip: np.ndarray | None = None) -> tuple[Tensor, float]:
+    """Weighted mean BT loss of pair ``rows`` (ties with the soft label) and the batch's accuracy.
+
+    ``flip``: per pair, train on the mirrored pair (both images flipped, the prompt mirrored).
+    """
     data, device = tensors.data, tensors.pixels.device
-    text = _embed_text_rows(scorer, tensors, torch.from_numpy(data.pair_prompt[rows]).to(device))
-    image_rows = torch.from_numpy(np.stack([data.pair_w[rows], data.pair_l[rows]])).to(device)
-    image_w, image_l = _embed_image_rows(scorer, tensors, image_rows)
+    prompt_rows, image_rows = _mirror_rows(tensors, data.pair_prompt[rows],
+                                           np.stack([data.pair_w[rows], data.pair_l[rows]], axis=1), flip)
+    text = _embed_text_rows(scorer, tensors, prompt_rows)
+    image_w, image_l = _embed_image_rows(scorer, tensors, image_rows.T)
     scale = scorer.logit_scale()
     score_w, score_l = scale * (text * image_w).sum(-1), scale * (text * image_l).sum(-1)
     label = torch.from_numpy(data.pair_label[rows]).to(device)
@@ -260,12 +287,14 @@ def _pair_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndar
     return loss, accuracy
 
 
-def _ranking_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray) -> Tensor:
-    """Weighted mean Plackett–Luce loss of ranking ``rows``."""
+def _ranking_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray,
+                        flip: np.ndarray | None = None) -> Tensor:
+    """Weighted mean Plackett–Luce loss of ranking ``rows`` (``flip``: per ranking, its mirrored copy)."""
     data, device = tensors.data, tensors.pixels.device
     assert data.ranking_prompt is not None and data.ranking_images is not None  # checked by the caller
-    text = _embed_text_rows(scorer, tensors, torch.from_numpy(data.ranking_prompt[rows]).to(device))
-    images = _embed_image_rows(scorer, tensors, torch.from_numpy(data.ranking_images[rows]).to(device))
+    prompt_rows, image_rows = _mirror_rows(tensors, data.ranking_prompt[rows], data.ranking_images[rows], flip)
+    text = _embed_text_rows(scorer, tensors, prompt_rows)
+    images = _embed_image_rows(scorer, tensors, image_rows)
     scores = scorer.logit_scale() * (text[:, None, :] * images).sum(-1)
     mask = torch.from_numpy(data.ranking_mask[rows]).to(device)
     weight = torch.from_numpy(data.ranking_weight[rows]).to(device)
@@ -295,6 +324,7 @@ def pretrain_contrastive(
     seed: int,
     log_metrics: MetricsFn | None = None,
     progress: bool = True,
+    mirror: bool = False,
 ) -> list[float]:
     """CLIP-pretrain a backbone from scratch on captioned images (``clip_contrastive_loss``).
 
@@ -311,6 +341,7 @@ def pretrain_contrastive(
         seed: keys the batch order.
         log_metrics: ``(metrics, step)`` callback (``pretrain/loss`` every 10 steps).
         progress: show a tqdm bar.
+        mirror: each image is flipped, with its caption mirrored (``mirror_prompt``), with probability ½.
 
     Returns:
         The loss of every step.
@@ -318,15 +349,23 @@ def pretrain_contrastive(
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     scorer.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    n_images = len(captions)
+    if mirror:  # row i + N: image i flipped, its caption mirrored (a "center" caption stays the same)
+        captions = [*captions, *map(mirror_prompt, captions)]
     input_ids, attention_mask = scorer.tokenize(captions)
     pixels = scorer.uint8_pixels(images)
+    if mirror:
+        pixels = torch.cat([pixels, pixels.flip(-1)])
     caption_ids = torch.from_numpy(pd.factorize(pd.Series(captions))[0]).to(pixels.device)
     optimizer, schedule = _optimizer(scorer.model, lr=lr, steps=steps)
     scorer.model.train()
     losses: list[float] = []
-    rows_of = _batches(len(captions), batch_size, seed=seed, purpose="reward-pretrain")
+    rows_of = _batches(n_images, batch_size, seed=seed, purpose="reward-pretrain")
     for step in tqdm(range(steps), desc="pretrain reward backbone", disable=not progress, mininterval=2):
-        rows = torch.from_numpy(next(rows_of)).to(pixels.device)
+        rows = next(rows_of)
+        if mirror:
+            rows = rows + _flips((seed, step), rows, "pretrain") * n_images
+        rows = torch.from_numpy(rows).to(pixels.device)
         text = scorer.text_embeddings(input_ids[rows], attention_mask[rows])
         image = scorer.image_embeddings(scorer.normalise(pixels[rows]))
         logits = scorer.logit_scale() * image @ text.T
@@ -552,6 +591,19 @@ class _BestWeights:
             model.load_state_dict(self.state)
 
 
+def _float_params(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA's decay after ``step`` updates: min(d, (1 + s) / (10 + s)).
+
+    The warm-up keeps the first updates from weighting the random start for ~1/(1 − d) steps
+    (the schedule of TensorFlow's ExponentialMovingAverage with num_updates).
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 def _optimizer(
     model: torch.nn.Module, *, lr: float, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -598,15 +650,19 @@ def _train_step(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LambdaLR,
     accelerator: Any,
+    mirror: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """One optimizer step on the mean of the active losses ("mixed" = mean of BT and PL)."""
+    """One optimizer step on the mean of the active losses ("mixed" = mean of BT and PL).
+
+    ``mirror``: ``(seed, step)`` when each example is mirrored with probability ½ (``reward.mirror_augment``).
+    """
     losses, metrics = [], {}
     if pair_rows is not None:
-        loss_bt, metrics["accuracy"] = _pair_batch_loss(scorer, tensors, pair_rows)
+        loss_bt, metrics["accuracy"] = _pair_batch_loss(scorer, tensors, pair_rows, _flips(mirror, pair_rows, "pairs"))
         losses.append(loss_bt)
         metrics["loss_bt"] = loss_bt.item()
     if ranking_rows is not None:
-        loss_pl = _ranking_batch_loss(scorer, tensors, ranking_rows)
+        loss_pl = _ranking_batch_loss(scorer, tensors, ranking_rows, _flips(mirror, ranking_rows, "rankings"))
         losses.append(loss_pl)
         metrics["loss_pl"] = loss_pl.item()
     loss = torch.stack(losses).mean()
@@ -622,6 +678,14 @@ def _train_step(
     metrics["loss"] = loss.item()
     metrics["logit_scale"] = scorer.logit_scale().item()
     return metrics
+
+
+def _flips(mirror: tuple[int, int] | None, rows: np.ndarray, kind: str) -> np.ndarray | None:
+    """Which examples of a step train mirrored: a fair coin each, keyed by (seed, kind, step) for exact resume."""
+    if mirror is None:
+        return None
+    seed, step = mirror
+    return np.random.default_rng(derive_seed(seed, f"reward-mirror-{kind}", step)).random(len(rows)) < 0.5
 
 
 def _row_streams(
@@ -664,7 +728,7 @@ def _state_copy(model: torch.nn.Module) -> dict[str, Tensor]:
 
 def _save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      schedule: torch.optim.lr_scheduler.LambdaLR, best: _BestWeights,
-                     history: dict[str, list[float]], fingerprint: str) -> Path:
+                     history: dict[str, list[float]], fingerprint: str, ema: ShadowWeights | None = None) -> Path:
     """Write ``root/step_<step>`` atomically (a temp folder, then one rename) and drop older checkpoints."""
     from safetensors.torch import save_file
 
@@ -675,6 +739,8 @@ def _save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: t
     save_file(_state_copy(model), str(tmp / "model.safetensors"))
     if best.state:
         save_file({k: v.contiguous() for k, v in best.state.items()}, str(tmp / "best.safetensors"))
+    if ema is not None:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.tensors.items()}, str(tmp / "ema.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "optimizer.pt")
     meta = {"step": step, "fingerprint": fingerprint, "history": history,
             "best": {"key": best.key, "accuracy": best.accuracy, "step": best.step, "stale": best.stale}}
@@ -704,7 +770,8 @@ def latest_checkpoint(root: Path | None, fingerprint: str) -> Path | None:
 
 
 def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     schedule: torch.optim.lr_scheduler.LambdaLR, best: _BestWeights) -> tuple[int, dict[str, list[float]]]:
+                     schedule: torch.optim.lr_scheduler.LambdaLR, best: _BestWeights,
+                     ema: ShadowWeights | None = None) -> tuple[int, dict[str, list[float]]]:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(next(model.parameters()).device)))
@@ -714,6 +781,8 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     meta = json.loads((path / CHECKPOINT_META).read_text())
     if (path / "best.safetensors").is_file():
         best.state = load_file(str(path / "best.safetensors"))
+    if ema is not None:
+        ema.load(load_file(str(path / "ema.safetensors")), "")
     key = meta["best"]["key"]
     best.key = tuple(key) if key is not None else None
     best.accuracy, best.step, best.stale = meta["best"]["accuracy"], meta["best"]["step"], meta["best"]["stale"]
@@ -765,13 +834,16 @@ def train_reward_model(
     scorer.model.to(accelerator.device)
     use_pairs, use_rankings = _loss_parts(cfg, train)
     pair_stream, ranking_stream = _row_streams(cfg, train, use_pairs, use_rankings, seed)
-    train_tensors, val_tensors = _SplitTensors.of(scorer, train), _SplitTensors.of(scorer, val)
+    train_tensors = _SplitTensors.of(scorer, train, mirrored=cfg.mirror_augment)
+    val_tensors = _SplitTensors.of(scorer, val)
     optimizer, schedule = _optimizer(scorer.model, lr=cfg.lr, steps=cfg.steps)
     best, history = _BestWeights(cfg.patience), {key: [] for key in ("step", "loss", "lr", "logit_scale")}
+    params = _float_params(scorer.model)
+    ema = ShadowWeights(params) if cfg.ema_decay > 0 else None
     fingerprint = training_fingerprint(cfg, train, seed)
     start = 0
     if (resume := latest_checkpoint(checkpoint_dir, fingerprint)) is not None:
-        start, history = _load_checkpoint(resume, scorer.model, optimizer, schedule, best)
+        start, history = _load_checkpoint(resume, scorer.model, optimizer, schedule, best, ema)
         # Batch order is keyed by (seed, epoch): replaying the stream to the step restores the data position.
         for _ in range(start):
             next(pair_stream) if pair_stream else None
@@ -786,17 +858,23 @@ def train_reward_model(
         if best.exhausted:  # resumed from a checkpoint written at the early stop
             break
         metrics = _train_step(scorer, train_tensors, next(pair_stream) if pair_stream else None,
-                              next(ranking_stream) if ranking_stream else None, optimizer, schedule, accelerator)
+                              next(ranking_stream) if ranking_stream else None, optimizer, schedule, accelerator,
+                              (seed, step) if cfg.mirror_augment else None)
         steps_run = step + 1
+        if ema is not None:
+            ema.ema_update(params, ema_decay_at(cfg.ema_decay, step))
         for key in ("loss", "lr", "logit_scale"):
             history[key].append(metrics[key])
         history["step"].append(float(steps_run))
         if log_metrics and step % LOG_EVERY == 0:
             log_metrics({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, steps_run)
         if steps_run % cfg.eval_every == 0 or steps_run == cfg.steps:
-            stop = _evaluate_and_check(scorer, val_tensors, best, history, steps_run, log_metrics, bar)
+            # With an EMA, the averaged weights are what is validated and kept.
+            with ema.swapped_in(params) if ema is not None else contextlib.nullcontext():
+                stop = _evaluate_and_check(scorer, val_tensors, best, history, steps_run, log_metrics, bar)
             if checkpoint_dir is not None:
-                _save_checkpoint(checkpoint_dir, steps_run, scorer.model, optimizer, schedule, best, history, fingerprint)
+                _save_checkpoint(checkpoint_dir, steps_run, scorer.model, optimizer, schedule, best, history,
+                                 fingerprint, ema)
             if stop:
                 log.info("early stopping at step %d: no better validation for %d evaluations", steps_run, cfg.patience)
                 break

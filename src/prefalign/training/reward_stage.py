@@ -58,7 +58,8 @@ def _pretrain_backbone(cfg: PipelineConfig, scorer, out: Path, tracker) -> Path:
     world = np.load(cfg.paths.resolve("world") / "pretrain.npz")
     losses = pretrain_contrastive(scorer, world["images"], [str(c) for c in world["captions"]],
                                   steps=cfg.reward.pretrain_steps, batch_size=cfg.reward.pretrain_batch_size,
-                                  lr=cfg.reward.pretrain_lr, seed=cfg.seed, log_metrics=tracker.log_metrics)
+                                  lr=cfg.reward.pretrain_lr, seed=cfg.seed, log_metrics=tracker.log_metrics,
+                                  mirror=cfg.reward.mirror_augment)
     return loss_curve({"contrastive loss": losses}, out / "reward_pretraining.png",
                       title="reward backbone: CLIP pretraining on captioned renderings")
 
