@@ -7,10 +7,12 @@ nothing, with tracking disabled) whose id lands in ``<out>/run.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from prefalign.config import PipelineConfig
-from prefalign.tracking import Tracker, stage_run
+from prefalign.tracking import NullTracker, Tracker, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +220,31 @@ def checkpoint_dir(stage: str, cfg: PipelineConfig) -> Path:
     return _p(cfg, "checkpoints") / stage
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of ``accelerate launch`` / ``torchrun`` (which set ``RANK``)."""
+    return _rank() == 0
+
+
+@contextlib.contextmanager
+def _policy_stage_run(cfg: PipelineConfig, stage: str, upstream: Sequence[Path]) -> Iterator[tuple[Path, Tracker]]:
+    """The output folder and tracker of a training stage that may run in several processes.
+
+    Under ``accelerate launch`` every rank trains (the trainer splits each global batch between them),
+    but only rank 0 empties and writes the output folder and records the MLflow run; the other ranks get
+    a ``NullTracker`` and the folder's path, and must write nothing into it.
+    """
+    out = stage_out_dir(stage, cfg)
+    if not is_main_process():
+        yield out, NullTracker()
+        return
+    with stage_run(cfg, stage, out_dir=_fresh_dir(out), upstream=upstream) as tracker:
+        yield out, tracker
+
+
 def _drop_checkpoints(stage: str, cfg: PipelineConfig) -> None:
     # The outputs are written: the checkpoints served their purpose (resuming this run). Keeping them would
     # make the next run with another config or data stop at the fingerprint check.
@@ -269,8 +296,7 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.training.policy import train_dpo
 
     _torch_setup(cfg)
-    out = _fresh_dir(stage_out_dir("train_dpo", cfg))
-    with stage_run(cfg, "train_dpo", out_dir=out, upstream=[_p(cfg, "features"), _p(cfg, "base_model")]) as tracker:
+    with _policy_stage_run(cfg, "train_dpo", [_p(cfg, "features"), _p(cfg, "base_model")]) as (out, tracker):
         pairs, ties = drop_ties(_load_pairs(cfg, "train"))
         log.info("train_dpo: %d strict pairs, %d ties dropped", len(pairs), ties)
         tracker.log_params({"dpo.ties_dropped": ties, "dpo.train_pairs": len(pairs)})
@@ -278,6 +304,8 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
         history = train_dpo(unet, pairs.image_w.tolist(), pairs.image_l.tolist(), pairs.prompt.tolist(),
                             load_features(_p(cfg, "features")), cfg.dpo, seed=cfg.seed, log_metrics=tracker.log_metrics,
                             checkpoint_dir=checkpoint_dir("train_dpo", cfg))
+        if not is_main_process():  # the trainer waited for every rank; rank 0 exports
+            return {"rank": _rank(), "steps": history.steps}
         save_lora(unet, out)
         summary = {"train_pairs": len(pairs), "ties_dropped": ties, **_finish_policy(cfg, tracker, out, history, "dpo")}
         _write_json(out / "summary.json", summary)
@@ -301,19 +329,21 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.training.reward_stage import select_experts
 
     _torch_setup(cfg)
-    out = _fresh_dir(stage_out_dir("train_dro", cfg))
     init_dir = _p(cfg, "dpo") if cfg.dro.init_from == "dpo" else None
     upstream = [_p(cfg, "features"), _p(cfg, "reward")] + ([init_dir] if init_dir else [])
-    with stage_run(cfg, "train_dro", out_dir=out, upstream=upstream) as tracker:
-        tracker.set_tags(reward_tags(cfg, _p(cfg, "reward")))
-        experts = select_experts(cfg)
-        _write_json(out / "experts.json", {"shas": experts.image.tolist(), "prompts": experts.prompt.tolist()})
-        tracker.log_artifact(out / "experts.json")
+    with _policy_stage_run(cfg, "train_dro", upstream) as (out, tracker):
+        experts = select_experts(cfg)  # deterministic: every rank selects the same experts
+        if is_main_process():
+            tracker.set_tags(reward_tags(cfg, _p(cfg, "reward")))
+            _write_json(out / "experts.json", {"shas": experts.image.tolist(), "prompts": experts.prompt.tolist()})
+            tracker.log_artifact(out / "experts.json")
         # The DPO adapter is merged into the weights, which become DRO's reference; a new adapter trains on top.
         unet = unet_with_policy(_p(cfg, "base_model"), init_dir)
         history = train_dro(unet, experts.image.tolist(), experts.prompt.tolist(), load_features(_p(cfg, "features")),
                             cfg.dro, seed=cfg.seed, log_metrics=tracker.log_metrics,
                             checkpoint_dir=checkpoint_dir("train_dro", cfg))
+        if not is_main_process():
+            return {"rank": _rank(), "steps": history.steps}
         merge_and_strip_lora(unet)
         unet.save_pretrained(str(out / "unet"), safe_serialization=True)
         summary = {"experts": len(experts), "init_from": cfg.dro.init_from,

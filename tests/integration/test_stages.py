@@ -105,3 +105,24 @@ def test_validation_gate_stops_bad_data(ran, pipeline_root):
             run_stage("validate", cfg)
     finally:
         pairs_path.write_bytes(original)
+
+
+@pytest.mark.parametrize("stage", ["train_dpo", "train_dro"])
+def test_a_non_zero_rank_trains_but_writes_no_output_and_no_run(ran, pipeline_root, monkeypatch, stage):
+    """Under `accelerate launch` every rank runs the stage; only rank 0 may write the folder or the MLflow run."""
+    import mlflow
+
+    import prefalign.stages as stages
+
+    cfg, summaries = ran
+    out = stages.stage_out_dir(stage, cfg)
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    from prefalign.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    n_runs = len(client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id]))
+    monkeypatch.setattr(stages, "_rank", lambda: 1)
+    summary = stages.run_stage(stage, cfg)
+    assert summary == {"rank": 1, "steps": summaries[stage]["steps"]}
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert len(client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])) == n_runs
