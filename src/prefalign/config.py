@@ -173,10 +173,10 @@ class RewardConfig(Section):
     eval_every: PositiveInt = Field(100, description="Validation accuracy every N steps (early stopping).")
     patience: PositiveInt = Field(6, description="Evaluations without improvement before stopping.")
     ema_decay: float = Field(
-        0.0, ge=0.0, lt=1.0, description="EMA of the weights, validated and kept instead of the raw ones (0: off)."
+        0.995, ge=0.0, lt=1.0, description="EMA of the weights, validated and kept instead of the raw ones (0: off)."
     )
     mirror_augment: bool = Field(
-        False, description="Train each example mirrored with probability 1/2: images flipped, left/right swapped in the prompt."
+        True, description="Train each example mirrored with probability 1/2: images flipped, left/right swapped in the prompt."
     )
 
 
@@ -240,18 +240,18 @@ class DROConfig(PolicyTrainerConfig):
         1, description="The sampler's copy of the adapter re-syncs with the trained one every M updates (published 1)."
     )
     prompt_dropout: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Share of samples drawn and trained with the empty prompt (published 0.2)."
+        0.2, ge=0.0, lt=1.0, description="Share of samples drawn and trained with the empty prompt (published 0.2)."
     )
     policy_target: Literal["recorded", "current"] = Field(
-        "recorded",
+        "current",
         description="Target of the policy term: the recorded ε_pol (lags up to reuse-1 updates), or ε_φ(x_t) of the "
         "current adapter (the published M = 1: P_φ = 0, the term is a threshold).",
     )
     timestep_jitter: NonNegativeInt = Field(
-        0, description="Per-round offset U{-j..j} added to the sampler's timestep grid (0: the plain grid)."
+        50, description="Per-round offset U{-j..j} added to the sampler's timestep grid (0: the plain grid)."
     )
     ema_decay: float = Field(
-        0.0, ge=0.0, lt=1.0, description="EMA decay of the adapter weights, exported when > 0 (0: off; published .9999)."
+        0.9989, ge=0.0, lt=1.0, description="EMA decay of the adapter weights, exported when > 0 (0: off; published .9999)."
     )
     checkpoint_every: NonNegativeInt = Field(
         50, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
