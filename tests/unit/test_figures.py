@@ -59,3 +59,10 @@ def test_importing_figures_does_not_import_matplotlib():
     code = "import sys, prefalign.evaluation.figures, prefalign.evaluation; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_loss_curve_places_sparse_series_at_their_steps(tmp_path):
+    history = {"loss": [1.0 - 0.001 * i for i in range(300)], "val_accuracy": [0.6, 0.65, 0.7]}
+    _check_png(loss_curve(history, tmp_path / "val.png", title="reward", steps={"val_accuracy": [100, 200, 300]}))
+    with pytest.raises(ValueError, match="val_accuracy: 3 values but 2 steps"):
+        loss_curve(history, tmp_path / "bad.png", title="reward", steps={"val_accuracy": [100, 200]})

@@ -104,7 +104,8 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def loss_curve(
-    history: Mapping[str, Sequence[float]], path: str | Path, *, title: str, xlabel: str = "step"
+    history: Mapping[str, Sequence[float]], path: str | Path, *, title: str, xlabel: str = "step",
+    steps: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
     """Training curves: one panel per key (keys have different scales), raw values and a moving average.
 
@@ -113,6 +114,8 @@ def loss_curve(
         path: Output PNG.
         title: Figure title.
         xlabel: Label of the shared x axis.
+        steps: x positions of a series recorded only now and then (e.g. validation every N steps);
+            other series are at 1, 2, 3, ...
 
     Returns:
         The written path.
@@ -123,10 +126,14 @@ def loss_curve(
         fig.text(0.5, 0.5, "no data", ha="center", va="center")
     axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0] if series else []
     for ax, (name, values) in zip(axes, series.items(), strict=False):
-        steps = np.arange(1, len(values) + 1)
+        at = (steps or {}).get(name)
+        if at is not None and len(at) != len(values):
+            raise ValueError(f"{name}: {len(values)} values but {len(at)} steps")
+        xs = np.asarray(at, np.float64) if at is not None else np.arange(1, len(values) + 1)
         window = max(1, len(values) // 20)
-        ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw")
-        ax.plot(steps, _moving_average(values, window), color="tab:blue", linewidth=1.8,
+        ax.plot(xs, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw",
+                marker="." if at is not None else None)
+        ax.plot(xs, _moving_average(values, window), color="tab:blue", linewidth=1.8,
                 label=f"moving average ({window})")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

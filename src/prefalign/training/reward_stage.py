@@ -92,7 +92,8 @@ def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker, *, checkp
     figures += [calibration_plot(np.asarray(calibration["pred"], dtype=float),
                                  np.asarray(calibration["observed"], dtype=float), out / "calibration.png"),
                 loss_curve({k: result.history[k] for k in ("loss", "val_accuracy") if result.history.get(k)},
-                           out / "reward_training.png", title="reward model training")]
+                           out / "reward_training.png", title="reward model training",
+                           steps={"val_accuracy": result.history.get("eval_step", [])})]
     for path in figures:
         tracker.log_artifact(path, "figures")
     log.info("reward: held-out accuracy %s on %d pairs, Bayes rate %s", report["pairwise_accuracy"], report["n_pairs"],
