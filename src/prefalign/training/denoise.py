@@ -54,8 +54,7 @@ def policy_and_reference_errors(
     """(err, ref_err) when the trained forward goes through a wrapper (e.g. DistributedDataParallel).
 
     Args:
-        policy: the module called with grad; may wrap ``reference`` (DDP syncs gradients through it);
-            None for the reference errors alone (``err`` is then None).
+        policy: the module called with grad; may wrap ``reference`` (DDP syncs gradients through it).
         reference: the bare peft-adapted UNet whose adapters are switched off for the reference pass; a
             DDP wrapper has no ``disable_adapters`` and must not see a no-grad forward.
         noisy, timesteps, cond, target: one batch x_t, t, c and the regression target ε.
@@ -63,10 +62,14 @@ def policy_and_reference_errors(
     Returns:
         ``(err, ref_err)``, both ``(B,)``; ``ref_err`` carries no graph.
     """
-    err = None if policy is None else per_sample_mse(policy(noisy, timesteps, encoder_hidden_states=cond).sample, target)
+    err = per_sample_mse(policy(noisy, timesteps, encoder_hidden_states=cond).sample, target)
+    return err, reference_errors(reference, noisy, timesteps, cond, target)
+
+
+def reference_errors(reference, noisy: Tensor, timesteps: Tensor, cond: Tensor, target: Tensor) -> Tensor:
+    """Per-sample errors ``(B,)`` of the bare peft UNet with its adapters off, under ``no_grad``."""
     with adapters_disabled(reference):
-        ref_err = per_sample_mse(reference(noisy, timesteps, encoder_hidden_states=cond).sample, target)
-    return err, ref_err
+        return per_sample_mse(reference(noisy, timesteps, encoder_hidden_states=cond).sample, target)
 
 
 def denoising_errors(unet, noisy: Tensor, timesteps: Tensor, cond: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

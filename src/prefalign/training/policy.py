@@ -45,7 +45,12 @@ from prefalign.training.checkpoints import (
     strings_sha,
     weights_sha,
 )
-from prefalign.training.denoise import keyed_timesteps_and_noise, policy_and_reference_errors, stack_pair
+from prefalign.training.denoise import (
+    keyed_timesteps_and_noise,
+    policy_and_reference_errors,
+    reference_errors,
+    stack_pair,
+)
 from prefalign.training.weights import ShadowWeights
 
 if TYPE_CHECKING:
@@ -493,7 +498,7 @@ def _dro_micro_errors(run: PolicyRun, scheduler, data: _ExpertData, buffer: dict
         err_expert, ref_err_expert = policy_and_reference_errors(run.unet, run.model, noisy_expert, t, cond, noise)
         with torch.no_grad():
             eps_current = run.model(x_t, t, encoder_hidden_states=cond).sample.float()
-        _, ref_err_policy = policy_and_reference_errors(None, run.model, x_t, t, cond, eps_current)
+        ref_err_policy = reference_errors(run.model, x_t, t, cond, eps_current)
         return err_expert, ref_err_expert, torch.zeros_like(ref_err_policy), ref_err_policy
     err, ref_err = policy_and_reference_errors(run.unet, run.model, torch.cat([noisy_expert, x_t]), t.repeat(2),
                                                cond.repeat(2, 1, 1), torch.cat([noise, target_pol]))

@@ -232,14 +232,25 @@ class _SplitTensors:
 
     @classmethod
     def of(cls, scorer: RewardScorer, data: RewardData, *, mirrored: bool = False) -> _SplitTensors:
-        """With ``mirrored``, prompt row ``i + P`` is ``mirror_prompt`` of prompt ``i`` and image row ``j + M``
-        the horizontal flip of image ``j`` (P prompts, M images), for ``_mirror_rows``."""
-        prompts = [*data.prompts, *map(mirror_prompt, data.prompts)] if mirrored else data.prompts
-        input_ids, attention_mask = scorer.tokenize(prompts)
-        pixels = scorer.uint8_pixels(data.images)
-        if mirrored:
-            pixels = torch.cat([pixels, pixels.flip(-1)])
+        """With ``mirrored``, the rows after the originals are their mirrored copies (``_model_inputs``)."""
+        _, input_ids, attention_mask, pixels = _model_inputs(scorer, data.prompts, data.images, mirrored=mirrored)
         return cls(data, input_ids, attention_mask, pixels)
+
+
+def _model_inputs(scorer: RewardScorer, prompts: list[str], images: np.ndarray, *,
+                  mirrored: bool) -> tuple[list[str], Tensor, Tensor, Tensor]:
+    """``(prompts, input_ids, attention_mask, uint8 pixels)`` on the model's device.
+
+    With ``mirrored``, prompt row ``i + P`` is ``mirror_prompt`` of prompt ``i`` and image row ``j + M``
+    the horizontal flip of image ``j`` (P prompts, M images); the returned prompts include the copies.
+    """
+    if mirrored:
+        prompts = [*prompts, *map(mirror_prompt, prompts)]
+    input_ids, attention_mask = scorer.tokenize(prompts)
+    pixels = scorer.uint8_pixels(images)
+    if mirrored:
+        pixels = torch.cat([pixels, pixels.flip(-1)])
+    return prompts, input_ids, attention_mask, pixels
 
 
 def _mirror_rows(tensors: _SplitTensors, prompt_rows: np.ndarray, image_rows: np.ndarray,
@@ -350,12 +361,8 @@ def pretrain_contrastive(
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     scorer.model.to("cuda" if torch.cuda.is_available() else "cpu")
     n_images = len(captions)
-    if mirror:  # row i + N: image i flipped, its caption mirrored (a "center" caption stays the same)
-        captions = [*captions, *map(mirror_prompt, captions)]
-    input_ids, attention_mask = scorer.tokenize(captions)
-    pixels = scorer.uint8_pixels(images)
-    if mirror:
-        pixels = torch.cat([pixels, pixels.flip(-1)])
+    # Row i + N: image i flipped with its caption mirrored (a "center" caption stays the same).
+    captions, input_ids, attention_mask, pixels = _model_inputs(scorer, captions, images, mirrored=mirror)
     caption_ids = torch.from_numpy(pd.factorize(pd.Series(captions))[0]).to(pixels.device)
     optimizer, schedule = _optimizer(scorer.model, lr=lr, steps=steps)
     scorer.model.train()
@@ -591,7 +598,7 @@ class _BestWeights:
             model.load_state_dict(self.state)
 
 
-def _float_params(model: torch.nn.Module) -> dict[str, Tensor]:
+def _trainable_params(model: torch.nn.Module) -> dict[str, Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -841,7 +848,7 @@ def train_reward_model(
     val_tensors = _SplitTensors.of(scorer, val)
     optimizer, schedule = _optimizer(scorer.model, lr=cfg.lr, steps=cfg.steps)
     best, history = _BestWeights(cfg.patience), {key: [] for key in ("step", "loss", "lr", "logit_scale")}
-    params = _float_params(scorer.model)
+    params = _trainable_params(scorer.model)
     ema = ShadowWeights(params) if cfg.ema_decay > 0 else None
     fingerprint = training_fingerprint(cfg, train, seed)
     start = 0
