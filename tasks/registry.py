@@ -47,7 +47,7 @@ def register_candidates(params_path: str, overrides: dict[str, Any] | None = Non
     """Register the DPO and DRO policies; existing weights are not registered twice."""
     cfg = load_config(params_path, overrides)
     models, path = _report(cfg, "eval.json")["models"], cfg.paths.resolve
-    return {m: registry.register_policy(cfg, method=m, policy_dir=path(m), base_dir=path("base_model"),
+    return {m: registry.register_policy(cfg, method=m, policy_dir=path(m), base_dir=cfg.base_model_dir(),
                                         run_id=read_run_id(path(m)), metrics=_floats(models[m]))
             for m in POLICY_METHODS}
 

@@ -71,7 +71,7 @@ def promote(params: ParamsOpt = Path("params.yaml")) -> None:
     eval_report = json.loads((cfg.paths.resolve("reports") / "eval.json").read_text())
     candidates = {
         method: registry.register_policy(
-            cfg, method=method, policy_dir=cfg.paths.resolve(method), base_dir=cfg.paths.resolve("base_model"),
+            cfg, method=method, policy_dir=cfg.paths.resolve(method), base_dir=cfg.base_model_dir(),
             run_id=read_run_id(cfg.paths.resolve(method)),
             metrics={k: v for k, v in eval_report["models"][method].items() if isinstance(v, float)},
         )

@@ -144,7 +144,7 @@ class ModelConfig(Section):
     """The diffusion model: the demo's tiny Stable Diffusion or a local diffusers folder."""
 
     preset: Literal["demo", "sd15", "sdxl", "sd15-random"] = Field("demo", description="Model family.")
-    pretrained_path: str | None = Field(None, description="Local diffusers folder for sd15/sdxl (never a hub id).")
+    pretrained_path: str | None = Field(None, description="Local SD1.x diffusers folder for sd15, used in place (never a hub id).")
     resolution: PositiveInt = Field(16, description="Training/sampling resolution in pixels.")
     unet_channels: tuple[PositiveInt, ...] = Field((64, 128), description="Demo UNet block widths.")
     vae_channels: tuple[PositiveInt, ...] = Field((32, 64), description="Demo VAE block widths.")
@@ -319,9 +319,25 @@ class PipelineConfig(Section):
     def _model_matches_world(self) -> PipelineConfig:
         if self.model.preset == "demo" and self.model.resolution != self.world.image_size:
             raise ValueError("model.resolution must equal world.image_size for the demo preset")
-        if self.model.preset in ("sd15", "sdxl") and not self.model.pretrained_path:
-            raise ValueError(f"model.pretrained_path (a local diffusers folder) is required for preset {self.model.preset}")
+        if self.model.preset == "sdxl":
+            # Fail at load rather than deep in featurize: SDXL conditions on two text encoders and on
+            # size/crop time ids, which featurize and the policy trainer do not compute.
+            raise ValueError("model.preset 'sdxl' is not supported yet: featurize and the trainers take one text "
+                             "encoder (SD1.x/2.x folders); use preset 'sd15' with model.pretrained_path")
+        if self.model.preset == "sd15" and not self.model.pretrained_path:
+            raise ValueError("model.pretrained_path (a local diffusers folder) is required for preset sd15")
         return self
+
+    def base_model_dir(self) -> Path:
+        """The base ``StableDiffusionPipeline`` folder every stage loads.
+
+        demo: ``paths.base_model``, which ``pretrain_base`` writes. sd15: ``model.pretrained_path`` (relative
+        to the params file's folder), used in place: ``pretrain_base`` then only checks it and records its
+        fingerprint in ``paths.base_model``, so DVC tracks a small pointer instead of a copy of the weights.
+        """
+        if self.model.preset == "sd15" and self.model.pretrained_path:
+            return (Path(self.paths.root) / self.model.pretrained_path).resolve()
+        return self.paths.resolve("base_model")
 
     def section_sha(self, *sections: str) -> str:
         """Short sha256 of the named sections (all when none), for the params_sha tag."""

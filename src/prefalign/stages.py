@@ -122,8 +122,11 @@ def run_pretrain_base(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.training.pretrain import pretrain_base
     from prefalign.world.grammar import vocabulary_words
 
+    if cfg.model.preset == "sd15":
+        return _record_local_base(cfg)
     if cfg.model.preset != "demo":
-        raise ValueError(f"pretrain_base trains the demo model only; preset {cfg.model.preset!r} loads a local folder")
+        raise ValueError(f"pretrain_base trains the demo model or records an sd15 folder; preset {cfg.model.preset!r} "
+                         "builds random weights for benchmarks/bench_align.py only")
     _torch_setup(cfg)
     out = _fresh_dir(stage_out_dir("pretrain_base", cfg))
     world = np.load(_p(cfg, "world") / "pretrain.npz")
@@ -142,6 +145,28 @@ def run_pretrain_base(cfg: PipelineConfig) -> dict[str, Any]:
         final = {k: float(np.mean(v[-50:])) for k, v in result.history.items() if v}
         tracker.log_metrics({f"pretrain/final_{k}": v for k, v in final.items()})
     return {"final_losses": final}
+
+
+BASE_POINTER_FILE = "base_model.json"
+
+
+def _record_local_base(cfg: PipelineConfig) -> dict[str, Any]:
+    """sd15: check ``model.pretrained_path`` and record its fingerprint in ``paths.base_model``, no copy.
+
+    The pointer is this stage's DVC output, so replacing the weights in the folder changes the fingerprint
+    and reruns everything downstream; the MLflow run carries it as lineage.
+    """
+    from prefalign.models.diffusion import check_pipeline_folder, folder_fingerprint
+
+    folder = check_pipeline_folder(cfg.base_model_dir())
+    out = _fresh_dir(stage_out_dir("pretrain_base", cfg))
+    with stage_run(cfg, "pretrain_base", out_dir=out) as tracker:
+        pointer = {"source": str(folder), **folder_fingerprint(folder)}
+        _write_json(out / BASE_POINTER_FILE, pointer)
+        tracker.log_params({"base_model/source": pointer["source"], "base_model/sha256": pointer["sha256"]})
+    log.info("pretrain_base: preset sd15 uses %s in place (sha256 %s, %d files)", folder, pointer["sha256"][:12],
+             pointer["files"])
+    return pointer
 
 
 # ------------------------------------------------------------------------------------------------ ingest
@@ -209,7 +234,7 @@ def run_featurize(cfg: PipelineConfig) -> dict[str, Any]:
     _torch_setup(cfg)
     out = _fresh_dir(stage_out_dir("featurize", cfg))
     with stage_run(cfg, "featurize", out_dir=out, upstream=[_p(cfg, "preferences"), _p(cfg, "base_model")]) as tracker:
-        summary = compute_features(_p(cfg, "base_model"), _p(cfg, "preferences"), out, cfg.featurize)
+        summary = compute_features(cfg.base_model_dir(), _p(cfg, "preferences"), out, cfg.featurize)
         tracker.log_metrics({"featurize/images": summary["images"], "featurize/prompts": summary["prompts"]})
     return summary
 
@@ -300,7 +325,7 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
         pairs, ties = drop_ties(_load_pairs(cfg, "train"))
         log.info("train_dpo: %d strict pairs, %d ties dropped", len(pairs), ties)
         tracker.log_params({"dpo.ties_dropped": ties, "dpo.train_pairs": len(pairs)})
-        unet = load_base_unet(_p(cfg, "base_model"))
+        unet = load_base_unet(cfg.base_model_dir())
         history = train_dpo(unet, pairs.image_w.tolist(), pairs.image_l.tolist(), pairs.prompt.tolist(),
                             load_features(_p(cfg, "features")), cfg.dpo, seed=cfg.seed, log_metrics=tracker.log_metrics,
                             checkpoint_dir=checkpoint_dir("train_dpo", cfg))
@@ -338,7 +363,7 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
             _write_json(out / "experts.json", {"shas": experts.image.tolist(), "prompts": experts.prompt.tolist()})
             tracker.log_artifact(out / "experts.json")
         # The DPO adapter is merged into the weights, which become DRO's reference; a new adapter trains on top.
-        unet = unet_with_policy(_p(cfg, "base_model"), init_dir)
+        unet = unet_with_policy(cfg.base_model_dir(), init_dir)
         history = train_dro(unet, experts.image.tolist(), experts.prompt.tolist(), load_features(_p(cfg, "features")),
                             cfg.dro, seed=cfg.seed, log_metrics=tracker.log_metrics,
                             checkpoint_dir=checkpoint_dir("train_dro", cfg))

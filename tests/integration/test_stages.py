@@ -126,3 +126,48 @@ def test_a_non_zero_rank_trains_but_writes_no_output_and_no_run(ran, pipeline_ro
     assert summary == {"rank": 1, "steps": summaries[stage]["steps"]}
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert len(client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])) == n_runs
+
+
+def test_sd15_preset_uses_the_local_folder_in_place(ran, pipeline_root, tmp_path, tiny_overrides):
+    """preset sd15: pretrain_base records the folder's fingerprint instead of copying it; featurize and
+    train_dpo load the base from model.pretrained_path."""
+    from safetensors.torch import load_file
+
+    from prefalign.models.diffusion import folder_fingerprint
+
+    external = tmp_path / "weights/sd15"
+    shutil.copytree(pipeline_root / "models/base", external, ignore=shutil.ignore_patterns("*.png", "run.json"))
+    root = tmp_path / "sd15_run"
+    root.mkdir()
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    cfg = load_config(root / "params.yaml", {
+        **tiny_overrides, "model.preset": "sd15", "model.pretrained_path": "../weights/sd15", "tracking.enabled": False,
+        "paths.preferences": str(pipeline_root / "data/preferences"),
+    })
+    pointer = run_stage("pretrain_base", cfg)
+    assert pointer["sha256"] == folder_fingerprint(external)["sha256"]
+    assert json.loads((root / "models/base/base_model.json").read_text())["source"] == str(external.resolve())
+    assert not (root / "models/base/unet").exists()
+    run_stage("featurize", cfg)
+    ours, demo = (load_file(str(r / "data/features/latents.safetensors")) for r in (root, pipeline_root))
+    assert ours.keys() == demo.keys() and all((ours[k] == demo[k]).all() for k in ours)
+    run_stage("train_dpo", cfg)
+    assert (root / "models/dpo/pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_base_folder_that_is_not_an_sd_pipeline_is_named(tmp_path):
+    from prefalign.models.diffusion import check_pipeline_folder
+
+    with pytest.raises(ValueError, match=f"{tmp_path / 'none'}.*no model_index.json"):
+        check_pipeline_folder(tmp_path / "none")
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    with pytest.raises(ValueError, match="SDXL"):
+        check_pipeline_folder(sdxl)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": []}))
+    with pytest.raises(ValueError, match="missing component.*vae"):
+        check_pipeline_folder(partial)

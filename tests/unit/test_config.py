@@ -86,6 +86,17 @@ def test_cross_field_rules(tmp_path):
         load_config(write_params(tmp_path, "model:\n  preset: sd15\n"))
     with pytest.raises(ConfigError, match="split"):
         load_config(write_params(tmp_path, "data:\n  split_train: 0.9\n  split_val: 0.1\n"))
+    with pytest.raises(ConfigError, match="sdxl.*not supported"):
+        load_config(write_params(tmp_path, "model:\n  preset: sdxl\n  pretrained_path: /models/sdxl\n"))
+
+
+def test_base_model_dir_is_the_local_folder_for_sd15_and_the_pipeline_output_otherwise(tmp_path):
+    demo = load_config(write_params(tmp_path, "seed: 0\n"))
+    assert demo.base_model_dir() == (tmp_path / "models/base").resolve()
+    sd15 = load_config(write_params(tmp_path, "model:\n  preset: sd15\n  pretrained_path: ../weights/sd15\n"))
+    assert sd15.base_model_dir() == (tmp_path / "../weights/sd15").resolve()
+    absolute = load_config(write_params(tmp_path, "model:\n  preset: sd15\n  pretrained_path: /srv/sd15\n"))
+    assert absolute.base_model_dir() == Path("/srv/sd15")
 
 
 def test_dvc_yaml_agrees_with_stages_config_and_cli():

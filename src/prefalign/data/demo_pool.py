@@ -36,7 +36,7 @@ def _pool_images(cfg: PipelineConfig, prompts: pd.DataFrame) -> tuple[list[str],
     if n_base:
         flat = [p for p in prompts.prompt for _ in range(n_base)]
         seeds = [derive_seed(cfg.seed, "pool", p, i) % 2**63 for p in prompts.prompt for i in range(n_base)]
-        pipe = load_base_pipeline(cfg.paths.resolve("base_model"))
+        pipe = load_base_pipeline(cfg.base_model_dir())
         chunks.append(generate(pipe, flat, seeds, steps=cfg.data.pool_sample_steps, guidance=cfg.data.pool_guidance,
                                resolution=cfg.model.resolution, desc="pool: base samples"))
         owners += flat

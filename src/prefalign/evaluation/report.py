@@ -42,7 +42,7 @@ def score_models(cfg: PipelineConfig, prompts: list[str]) -> tuple[dict[str, dic
     scores: dict[str, dict[str, np.ndarray]] = {}
     images: dict[str, np.ndarray] = {}
     for name, policy_dir in policy_dirs(cfg).items():
-        pipe = load_policy_pipeline(cfg.paths.resolve("base_model"), policy_dir)
+        pipe = load_policy_pipeline(cfg.base_model_dir(), policy_dir)
         images[name] = generate(pipe, flat, seeds, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance,
                                 resolution=cfg.model.resolution, desc=f"evaluate {name}")
         scores[name] = {"reward": scorer.score(flat, images[name])}

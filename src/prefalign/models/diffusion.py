@@ -7,6 +7,8 @@ policy, either a diffusers-format LoRA file (``pytorch_lora_weights.safetensors`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,15 +129,60 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipe
     )
 
 
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(folder: str | Path) -> Path:
+    """Fail early, naming the path, unless ``folder`` is a local single-text-encoder SD pipeline folder.
+
+    Checks model_index.json and the five component folders; SDXL folders (``text_encoder_2``) are refused
+    by name, since featurize and the trainers condition on one text encoder.
+
+    Raises:
+        ValueError: the folder, its model_index.json or a component is missing, or it is an SDXL folder.
+    """
+    path = Path(folder)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"base model {str(path)!r}: no model_index.json, so it is not a local diffusers pipeline folder")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"base model {str(path)!r}: model_index.json is not JSON ({err})") from None
+    if "text_encoder_2" in index:
+        raise ValueError(f"base model {str(path)!r}: an SDXL pipeline ({index.get('_class_name')}); "
+                         "only single-text-encoder SD1.x/2.x folders are supported")
+    missing = [name for name in PIPELINE_COMPONENTS if name not in index or not (path / name).is_dir()]
+    if missing:
+        raise ValueError(f"base model {str(path)!r}: missing component(s) {', '.join(missing)}")
+    return path
+
+
+def folder_fingerprint(folder: Path) -> dict[str, object]:
+    """sha256 of every file under ``folder`` (path and content), with the file count and total bytes.
+
+    Records which base weights a run used when they live outside DVC (``model.pretrained_path``).
+    """
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    for file in files:
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
 def load_base_pipeline(folder: Path, *, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a local diffusers folder; never a hub id (offline machines hang on those)."""
+    """Load a local diffusers folder; never a hub id (offline machines hang on those), never pickles."""
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        str(folder), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True,
+        use_safetensors=True,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -150,7 +197,8 @@ def load_policy_pipeline(base_dir: Path, policy_dir: Path | None) -> StableDiffu
         return pipe
     policy_dir = Path(policy_dir)
     if (policy_dir / "unet" / "config.json").is_file():
-        pipe.unet = UNet2DConditionModel.from_pretrained(str(policy_dir / "unet"), local_files_only=True)
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(policy_dir / "unet"), local_files_only=True,
+                                                         use_safetensors=True)
     elif (policy_dir / LORA_FILE).is_file():
         pipe.load_lora_weights(str(policy_dir), weight_name=LORA_FILE)
         # Fused then unloaded: plain weights again, so the UNet saves and re-adapts like a base UNet.
@@ -204,7 +252,8 @@ def load_base_unet(base_dir: Path) -> UNet2DConditionModel:
     """The base UNet alone, in float32, from a local pipeline folder."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(str(Path(base_dir) / "unet"), local_files_only=True)
+    return UNet2DConditionModel.from_pretrained(str(Path(base_dir) / "unet"), local_files_only=True,
+                                                use_safetensors=True)
 
 
 def unet_with_policy(base_dir: Path, policy_dir: Path | None) -> UNet2DConditionModel:
