@@ -368,8 +368,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+        key = ".".join(str(p) for p in item["loc"])
+        # A cross-field rule's input is the whole config: its message already names the keys.
+        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})" if key else f"  {item['msg']}")
     return "\n".join(lines)
 
 
