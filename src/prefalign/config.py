@@ -178,6 +178,10 @@ class RewardConfig(Section):
     mirror_augment: bool = Field(
         True, description="Train each example mirrored with probability 1/2: images flipped, left/right swapped in the prompt."
     )
+    train_last_layers: NonNegativeInt | None = Field(
+        None, description="None: the whole backbone trains; N: only the projections, logit_scale and each tower's last N "
+        "layers (HPSv2-style; the tiny backbone's CLIP pretraining still trains all of it)."
+    )
 
 
 class LoraConfig(Section):

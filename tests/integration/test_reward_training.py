@@ -216,6 +216,20 @@ def test_frozen_backbone_trains_only_the_top(demo: DemoSplits, single_thread: No
         assert torch.equal(p, before[name]) != (name in trainable), name
 
 
+def test_train_last_layers_config_freezes_the_backbone_for_fine_tuning_only() -> None:
+    from prefalign.config import load_config
+    from prefalign.training.reward_stage import freeze_for_fine_tuning
+
+    root = Path(__file__).resolve().parents[2]
+    scorer = load_backbone("tiny", tokenizer=build_tokenizer(vocabulary_words()))
+    freeze_for_fine_tuning(load_config(root / "params.yaml"), scorer)
+    assert all(p.requires_grad for p in scorer.model.parameters())
+    freeze_for_fine_tuning(load_config(root / "params.yaml", {"reward.train_last_layers": 1}), scorer)
+    trainable = {name for name, p in scorer.model.named_parameters() if p.requires_grad}
+    assert "visual_projection.weight" in trainable and "text_model.encoder.layers.1.mlp.fc1.weight" in trainable
+    assert "text_model.encoder.layers.0.mlp.fc1.weight" not in trainable
+
+
 @pytest.mark.parametrize("loss", ["pl", "mixed"])
 def test_listwise_losses_train_and_report_ranking_metrics(demo: DemoSplits, loss: str, single_thread: None) -> None:
     def split(name: str) -> RewardData:

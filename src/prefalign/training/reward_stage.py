@@ -50,6 +50,17 @@ def bayes_of_split(cfg: PipelineConfig, data, scores) -> float | None:
     return float(bayes_accuracy(oracle_w, oracle_l, tau=cfg.world.annotator_tau))
 
 
+def freeze_for_fine_tuning(cfg: PipelineConfig, scorer) -> None:
+    """``reward.train_last_layers``: freeze all but the top of the backbone, after any CLIP pretraining."""
+    from prefalign.models.reward_model import freeze_all_but_last_layers
+
+    if cfg.reward.train_last_layers is not None:
+        freeze_all_but_last_layers(scorer.model, cfg.reward.train_last_layers)
+        trainable = sum(p.numel() for p in scorer.model.parameters() if p.requires_grad)
+        log.info("reward: training the last %d layer(s) of each tower and the projections, %d parameters",
+                 cfg.reward.train_last_layers, trainable)
+
+
 def _pretrain_backbone(cfg: PipelineConfig, scorer, out: Path, tracker) -> Path:
     """CLIP-pretrain the tiny backbone on the world's captioned renderings; returns the loss-curve PNG."""
     from prefalign.evaluation.figures import loss_curve
@@ -81,6 +92,7 @@ def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker, *, checkp
               for s, keep in (("train", cfg.reward.keep_ties), ("val", True), ("test", True))}
     scorer = _scorer(cfg)
     figures = [_pretrain_backbone(cfg, scorer, out, tracker)] if cfg.reward.backbone == "tiny" and cfg.reward.pretrain_steps else []
+    freeze_for_fine_tuning(cfg, scorer)
     result = train_reward_model(scorer, cfg.reward, splits["train"], splits["val"], seed=cfg.seed,
                                 log_metrics=tracker.log_metrics, checkpoint_dir=checkpoint_dir)
     scorer.save(out)
