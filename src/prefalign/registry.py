@@ -15,7 +15,6 @@ mlflow is imported inside functions only.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import warnings
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefalign.config import PipelineConfig
 from prefalign.tracking import configure_mlflow
-from prefalign.versioning import data_version, git_commit
+from prefalign.versioning import data_version, files_sha256, git_commit
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -66,16 +65,10 @@ def weights_sha(folder: Path) -> str:
         FileNotFoundError: the folder holds no ``*.safetensors`` file (an empty hash would match anything).
     """
     folder = Path(folder)
-    files = sorted(folder.rglob("*.safetensors"), key=lambda p: p.relative_to(folder).as_posix())
+    files = list(folder.rglob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors files to hash")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return files_sha256(folder, files)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

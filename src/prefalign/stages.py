@@ -117,16 +117,16 @@ def run_world(cfg: PipelineConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- pretrain
 def run_pretrain_base(cfg: PipelineConfig) -> dict[str, Any]:
     """Train the tiny Stable Diffusion of the demo world and save it as a stock pipeline folder."""
-    from prefalign.evaluation.figures import image_grid, loss_curve
-    from prefalign.evaluation.generate import eval_grid, generate
-    from prefalign.training.pretrain import pretrain_base
-    from prefalign.world.grammar import vocabulary_words
-
     if cfg.model.preset == "sd15":
         return _record_local_base(cfg)
     if cfg.model.preset != "demo":
         raise ValueError(f"pretrain_base trains the demo model or records an sd15 folder; preset {cfg.model.preset!r} "
                          "builds random weights for benchmarks/bench_align.py only")
+    from prefalign.evaluation.figures import image_grid, loss_curve
+    from prefalign.evaluation.generate import eval_grid, generate
+    from prefalign.training.pretrain import pretrain_base
+    from prefalign.world.grammar import vocabulary_words
+
     _torch_setup(cfg)
     out = _fresh_dir(stage_out_dir("pretrain_base", cfg))
     world = np.load(_p(cfg, "world") / "pretrain.npz")

@@ -8,6 +8,7 @@ person would type.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -22,6 +23,17 @@ log = logging.getLogger(__name__)
 
 UNVERSIONED = "unversioned"
 UNKNOWN_COMMIT = "unknown"
+
+
+def files_sha256(folder: Path, files: Sequence[Path]) -> str:
+    """sha256 over ``files`` (under ``folder``) in order of their relative paths: each path, a NUL, its bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.relative_to(folder).as_posix()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def git_commit(root: Path) -> str:

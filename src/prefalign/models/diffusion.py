@@ -7,7 +7,6 @@ policy, either a diffusers-format LoRA file (``pytorch_lora_weights.safetensors`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -163,14 +162,10 @@ def folder_fingerprint(folder: Path) -> dict[str, object]:
 
     Records which base weights a run used when they live outside DVC (``model.pretrained_path``).
     """
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    for file in files:
-        digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    from prefalign.versioning import files_sha256
+
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    return {"sha256": files_sha256(Path(folder), files), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
 
 
 def load_base_pipeline(folder: Path, *, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:

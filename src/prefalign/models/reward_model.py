@@ -56,7 +56,6 @@ def build_tiny_reward_model(
     width: int = 64,
     vision_layers: int = 3,
     patch_size: int | None = None,
-    mlp_ratio: int = 2,
 ) -> CLIPModel:
     """A randomly initialised tiny ``CLIPModel`` for the demo world (about 0.22 M parameters with the demo vocabulary).
 
@@ -71,7 +70,6 @@ def build_tiny_reward_model(
         width: hidden width of both towers (MLP 2x, heads of 16 channels).
         vision_layers: transformer layers of the vision tower.
         patch_size: vision patch side; None picks ``tiny_patch_size(image_size)``.
-        mlp_ratio: MLP width of both towers as a multiple of ``width``.
 
     Returns:
         The model in train mode.
@@ -81,7 +79,7 @@ def build_tiny_reward_model(
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": width,
-        "intermediate_size": mlp_ratio * width,
+        "intermediate_size": 2 * width,
         "num_hidden_layers": 2,
         "num_attention_heads": max(1, width // 16),
         "max_position_embeddings": tokenizer.model_max_length,
@@ -94,7 +92,7 @@ def build_tiny_reward_model(
         "patch_size": patch_size or tiny_patch_size(image_size),
         "num_channels": 3,
         "hidden_size": width,
-        "intermediate_size": mlp_ratio * width,
+        "intermediate_size": 2 * width,
         "num_hidden_layers": vision_layers,
         "num_attention_heads": max(1, width // 16),
     }
