@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prefalign.world import annotators
-from prefalign.world.annotators import annotate, bayes_accuracy, preference_probability, pseudonymise
+from prefalign.world.annotators import annotate, bayes_accuracy, expected_accuracy, preference_probability, pseudonymise
 
 
 def test_preference_probability_values_and_symmetry():
@@ -45,6 +45,31 @@ def test_bayes_accuracy_is_the_expected_oracle_accuracy():
     assert bayes_accuracy([0.5], [0.5], tau=0.1) == pytest.approx(0.5)
     assert bayes_accuracy([0.2], [0.9], tau=0.1) == bayes_accuracy([0.9], [0.2], tau=0.1)  # label-free
     assert np.isnan(bayes_accuracy([], [], tau=0.1))
+
+
+def test_expected_accuracy_by_hand():
+    s1 = 1 / (1 + np.exp(-1.0))  # sigma(0.08 / 0.08) = 0.7311
+    # Pairs: model agrees (gap 0.08), disagrees (gap 0.08), ties its scores, oracle sees no difference.
+    oracle_w, oracle_l = [0.58, 0.58, 0.58, 0.5], [0.5, 0.5, 0.5, 0.5]
+    model_w, model_l = [2.0, -1.0, 0.3, 5.0], [1.0, 1.0, 0.3, 0.0]
+    assert expected_accuracy(model_w[:1], model_l[:1], oracle_w[:1], oracle_l[:1], tau=0.08) == pytest.approx(s1)
+    assert expected_accuracy(model_w[1:2], model_l[1:2], oracle_w[1:2], oracle_l[1:2], tau=0.08) == pytest.approx(1 - s1)
+    assert expected_accuracy(model_w, model_l, oracle_w, oracle_l, tau=0.08) == pytest.approx(
+        (s1 + (1 - s1) + 0.5 + 0.5) / 4)
+    assert np.isnan(expected_accuracy([], [], [], [], tau=0.08))
+
+
+def test_expected_accuracy_of_the_oracle_is_the_bayes_rate_and_matches_fresh_labels():
+    rng = np.random.default_rng(2)
+    oracle_w, oracle_l = rng.random(4000), rng.random(4000)
+    assert expected_accuracy(oracle_w, oracle_l, oracle_w, oracle_l, tau=0.08) == pytest.approx(
+        bayes_accuracy(oracle_w, oracle_l, tau=0.08))
+    # A noisy model, scored against many fresh annotator draws: the mean hit rate converges to it.
+    model_w, model_l = oracle_w + rng.normal(0, 0.1, 4000), oracle_l + rng.normal(0, 0.1, 4000)
+    hits = [np.mean((model_w > model_l) == annotate(oracle_w, oracle_l, tau=0.08, rng=rng)) for _ in range(50)]
+    expected = expected_accuracy(model_w, model_l, oracle_w, oracle_l, tau=0.08)
+    assert bayes_accuracy(oracle_w, oracle_l, tau=0.08) - expected > 0.02  # the noise costs accuracy
+    assert abs(np.mean(hits) - expected) < 0.003
 
 
 def test_pseudonymise_is_a_keyed_hmac():

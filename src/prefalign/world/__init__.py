@@ -1,6 +1,12 @@
 """The demo world: prompt grammar, renderer, pixel oracle and simulated annotators (known ground truth)."""
 
-from prefalign.world.annotators import annotate, bayes_accuracy, preference_probability, pseudonymise
+from prefalign.world.annotators import (
+    annotate,
+    bayes_accuracy,
+    expected_accuracy,
+    preference_probability,
+    pseudonymise,
+)
 from prefalign.world.grammar import (
     BACKGROUNDS,
     COLORS,
@@ -28,6 +34,7 @@ __all__ = [
     "all_attributes",
     "annotate",
     "bayes_accuracy",
+    "expected_accuracy",
     "corrupt",
     "oracle_breakdown",
     "oracle_score",

@@ -80,6 +80,33 @@ def bayes_accuracy(score_w: ArrayLike, score_l: ArrayLike, *, tau: float) -> flo
     return float(np.mean(preference_probability(diff, 0.0, tau)))
 
 
+def expected_accuracy(model_w: ArrayLike, model_l: ArrayLike, oracle_w: ArrayLike, oracle_l: ArrayLike, *,
+                      tau: float) -> float:
+    """Expected accuracy of a model on labelled pairs, averaged over the annotators' draws.
+
+    Where the model orders a pair as the oracle does, a fresh annotator agrees with it with probability
+    sigma(|delta| / tau); where it orders it the other way, with 1 - sigma(|delta| / tau); an exact score
+    tie counts half. ``bayes_accuracy`` is this quantity for the oracle itself, so the two compare without
+    the sampling error of one draw of labels (about ±0.9 points on 2835 pairs at 0.7).
+
+    Args:
+        model_w, model_l: the model's scores of each pair's two images.
+        oracle_w, oracle_l: the oracle's scores of the same images.
+        tau: Bradley-Terry temperature of the annotators.
+
+    Returns:
+        The expected accuracy in [0, 1]; NaN for no pairs.
+    """
+    model_gap = np.asarray(model_w, np.float64) - np.asarray(model_l, np.float64)
+    oracle_gap = np.asarray(oracle_w, np.float64) - np.asarray(oracle_l, np.float64)
+    if oracle_gap.size == 0:
+        return float("nan")
+    agree_p = preference_probability(np.abs(oracle_gap), 0.0, tau)
+    # Where the oracle sees no difference, the annotator flips a fair coin whatever the model says.
+    same_order = np.sign(model_gap) * np.sign(oracle_gap)
+    return float(np.mean(np.where(same_order > 0, agree_p, np.where(same_order < 0, 1.0 - agree_p, 0.5))))
+
+
 def _annotator_key() -> str:
     global _warned_demo_key
     key = os.environ.get(KEY_ENV)
