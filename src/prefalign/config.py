@@ -32,6 +32,7 @@ DPOVariant = Literal["sigmoid", "hinge", "ipo"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 PolicyOptimizer = Literal["adamw", "adafactor"]
 RewardLoss = Literal["bt", "pl", "mixed"]
+RewardSelection = Literal["loss", "accuracy"]
 PolicyMethod = Literal["dpo", "dro"]
 
 
@@ -170,8 +171,12 @@ class RewardConfig(Section):
     )
     pretrain_lr: PositiveFloat = Field(1e-3, description="Tiny backbone: CLIP pretraining learning rate.")
     pretrain_batch_size: PositiveInt = Field(256, description="Tiny backbone: captioned images per pretraining step.")
-    eval_every: PositiveInt = Field(100, description="Validation accuracy every N steps (early stopping).")
+    eval_every: PositiveInt = Field(100, description="Validation every N steps (early stopping).")
     patience: PositiveInt = Field(6, description="Evaluations without improvement before stopping.")
+    select_on: RewardSelection = Field(
+        "loss", description="Early stopping keeps the weights of the lowest validation BT loss ('loss') or of the best "
+        "validation pairwise accuracy, loss breaking ties ('accuracy')."
+    )
     ema_decay: float = Field(
         0.995, ge=0.0, lt=1.0, description="EMA of the weights, validated and kept instead of the raw ones (0: off)."
     )

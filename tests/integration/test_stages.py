@@ -75,6 +75,9 @@ def test_reward_report_keys(ran, pipeline_root):
     report = json.loads((pipeline_root / "reports/reward.json").read_text())
     for key in ("pairwise_accuracy", "n_pairs", "n_ties_excluded", "bayes_accuracy", "kendall_tau", "top1_accuracy"):
         assert key in report
+    # Demo world: the model's label-noise-free accuracy sits between chance and the oracle's.
+    assert 0.0 <= report["oracle_agreement"] <= 1.0
+    assert report["expected_accuracy"] <= report["bayes_accuracy"] + 1e-12
 
 
 def test_policies_load_with_stock_diffusers(ran, pipeline_root):

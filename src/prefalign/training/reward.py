@@ -1,8 +1,8 @@
 """Reward-model training (Bradley–Terry on pairs, Plackett–Luce on rankings) and its evaluation.
 
 The loop stays linear: batch of pairs/rankings -> ``RewardScorer`` scores -> loss from
-``prefalign.losses.reward`` -> backward -> AdamW step -> periodic validation accuracy -> early stopping on
-it, keeping the best weights. Every image of a split is decoded once, up front, into a uint8 tensor;
+``prefalign.losses.reward`` -> backward -> AdamW step -> periodic validation -> early stopping on the
+validation loss (or accuracy, ``reward.select_on``), keeping the best weights. Every image of a split is decoded once, up front, into a uint8 tensor;
 batches index into it, so a step costs only the forward and backward passes.
 
 The one augmentation is the mirror (``reward.mirror_augment``): both images of a pair flipped
@@ -567,20 +567,28 @@ class TrainResult:
 
 
 class _BestWeights:
-    """Early stopping on validation accuracy, with the validation loss breaking ties.
+    """Early stopping: keeps the weights of the best validation so far.
 
-    Accuracy saturates (often at 1.0 on clean data) long before the model stops improving, and a loss
-    tie-break keeps selecting the better-calibrated weights in that regime.
+    ``select_on="loss"`` ranks evaluations by the validation BT loss (accuracy breaking ties),
+    ``"accuracy"`` by pairwise accuracy (loss breaking ties). The loss is a proper scoring rule and uses
+    every pair's margin, where accuracy only counts signs: on noisy labels accuracy jumps by a point
+    between evaluations from the noise alone (about ±0.9 points of standard error on 2340 validation pairs
+    at 0.7), and selecting on it picks that noise. Measured on the demo world (2835 test pairs, one
+    CLIP-pretrained backbone): expected accuracy 0.679-0.681 over three seeds selected on loss, against
+    0.662 and 0.683 over two seeds selected on accuracy: a higher mean and a seventh of the spread.
     """
 
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
+    def __init__(self, patience: int, select_on: str = "loss") -> None:
+        if select_on not in ("loss", "accuracy"):
+            raise ValueError(f"select_on must be 'loss' or 'accuracy', got {select_on!r}")
+        self.patience, self.select_on = patience, select_on
         self.key: tuple[float, float] | None = None
         self.state: dict[str, Tensor] = {}
         self.accuracy, self.step, self.stale = math.nan, 0, 0
 
     def update(self, model: torch.nn.Module, accuracy: float, loss: float, step: int) -> bool:
-        key = (accuracy if math.isfinite(accuracy) else -math.inf, -loss)
+        finite_accuracy = accuracy if math.isfinite(accuracy) else -math.inf
+        key = (-loss, finite_accuracy) if self.select_on == "loss" else (finite_accuracy, -loss)
         # A diverged model (NaN loss) never counts as better: NaN compares False, which would keep it.
         if not math.isfinite(loss) or (self.key is not None and key <= self.key):
             self.stale += 1
@@ -810,12 +818,13 @@ def train_reward_model(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
 ) -> TrainResult:
-    """Train ``scorer`` in place with the configured loss; early stopping on validation accuracy.
+    """Train ``scorer`` in place with the configured loss; early stopping on validation loss or accuracy.
 
     Args:
         scorer: the model to train (its trainable parameters are those with ``requires_grad``).
         cfg: ``reward`` section: loss (bt | pl | mixed), keep_ties, steps, lr, batch_size (pairs per step),
-            eval_every, patience (evaluations without improvement before stopping).
+            eval_every, patience (evaluations without improvement before stopping), select_on (validation loss
+            or accuracy decides which weights are kept).
         train, val: splits from ``RewardData.from_tables``.
         seed: seeds torch and the keyed batch order.
         log_metrics: ``(metrics, step)`` callback, e.g. ``Tracker.log_metrics`` (``train/*`` every 10 steps,
@@ -847,7 +856,7 @@ def train_reward_model(
     train_tensors = _SplitTensors.of(scorer, train, mirrored=cfg.mirror_augment)
     val_tensors = _SplitTensors.of(scorer, val)
     optimizer, schedule = _optimizer(scorer.model, lr=cfg.lr, steps=cfg.steps)
-    best, history = _BestWeights(cfg.patience), {key: [] for key in ("step", "loss", "lr", "logit_scale")}
+    best, history = _BestWeights(cfg.patience, cfg.select_on), {key: [] for key in ("step", "loss", "lr", "logit_scale")}
     params = _trainable_params(scorer.model)
     ema = ShadowWeights(params) if cfg.ema_decay > 0 else None
     fingerprint = training_fingerprint(cfg, train, seed)

@@ -21,6 +21,19 @@ def _tables(cfg: PipelineConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return pd.read_parquet(prefs / "pairs.parquet"), rankings
 
 
+def reward_splits(cfg: PipelineConfig) -> dict[str, Any]:
+    """The train, val and test ``RewardData`` of the canonical tables: train keeps ties as configured, val and
+    test keep them so that the report counts them."""
+    from prefalign.data.schema import ImageStore
+    from prefalign.training.reward import RewardData
+
+    pairs, rankings = _tables(cfg)
+    load = ImageStore(cfg.paths.resolve("preferences")).load_array
+    size = cfg.model.resolution
+    return {s: RewardData.from_tables(pairs, rankings, load, keep_ties=keep, split=s, resize_to=size)
+            for s, keep in (("train", cfg.reward.keep_ties), ("val", True), ("test", True))}
+
+
 def _scorer(cfg: PipelineConfig):
     from prefalign.models.reward_model import load_backbone
 
@@ -36,18 +49,28 @@ def _scorer(cfg: PipelineConfig):
                          embed_dim=cfg.reward.embed_dim, seed=cfg.seed)
 
 
-def bayes_of_split(cfg: PipelineConfig, data, scores) -> float | None:
-    """Accuracy of the true oracle on the same held-out pairs (demo world only), ties excluded."""
+def oracle_metrics_of_split(cfg: PipelineConfig, data, scores) -> dict[str, float | None]:
+    """What the demo world's known truth says of the held-out decided pairs (all None on real data).
+
+    ``bayes_accuracy``: the oracle's own expected accuracy, mean of sigma(|delta| / tau).
+    ``expected_accuracy``: the model's accuracy averaged over annotator draws on the same pairs (the same
+    quantity for the model, so the gap to the Bayes rate carries no label-sampling error).
+    ``oracle_agreement``: share of pairs the model orders as the oracle does.
+    """
     if cfg.model.preset != "demo":
-        return None
-    from prefalign.world.annotators import bayes_accuracy
+        return {"bayes_accuracy": None, "expected_accuracy": None, "oracle_agreement": None}
+    from prefalign.world.annotators import bayes_accuracy, expected_accuracy
     from prefalign.world.oracle import oracle_scores
 
     decided = scores.label == 1.0
     prompts = [data.prompts[i] for i in data.pair_prompt[decided]]
     oracle_w = oracle_scores(prompts, data.images[data.pair_w[decided]])
     oracle_l = oracle_scores(prompts, data.images[data.pair_l[decided]])
-    return float(bayes_accuracy(oracle_w, oracle_l, tau=cfg.world.annotator_tau))
+    model_w, model_l = scores.score_w[decided], scores.score_l[decided]
+    tau = cfg.world.annotator_tau
+    return {"bayes_accuracy": float(bayes_accuracy(oracle_w, oracle_l, tau=tau)),
+            "expected_accuracy": float(expected_accuracy(model_w, model_l, oracle_w, oracle_l, tau=tau)),
+            "oracle_agreement": float(np.mean(np.sign(model_w - model_l) == np.sign(oracle_w - oracle_l)))}
 
 
 def freeze_for_fine_tuning(cfg: PipelineConfig, scorer) -> None:
@@ -81,15 +104,10 @@ def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker, *, checkp
 
     ``checkpoint_dir``: resumable training state (see ``train_reward_model``); the caller removes it once done.
     """
-    from prefalign.data.schema import ImageStore
     from prefalign.evaluation.figures import calibration_plot, loss_curve
-    from prefalign.training.reward import RewardData, evaluate_reward, train_reward_model
+    from prefalign.training.reward import evaluate_reward, train_reward_model
 
-    pairs, rankings = _tables(cfg)
-    load = ImageStore(cfg.paths.resolve("preferences")).load_array
-    size = cfg.model.resolution
-    splits = {s: RewardData.from_tables(pairs, rankings, load, keep_ties=keep, split=s, resize_to=size)
-              for s, keep in (("train", cfg.reward.keep_ties), ("val", True), ("test", True))}
+    splits = reward_splits(cfg)
     scorer = _scorer(cfg)
     figures = [_pretrain_backbone(cfg, scorer, out, tracker)] if cfg.reward.backbone == "tiny" and cfg.reward.pretrain_steps else []
     freeze_for_fine_tuning(cfg, scorer)
@@ -97,19 +115,20 @@ def train_and_evaluate_reward(cfg: PipelineConfig, out: Path, tracker, *, checkp
                                 log_metrics=tracker.log_metrics, checkpoint_dir=checkpoint_dir)
     scorer.save(out)
     metrics, scores = evaluate_reward(scorer, splits["test"])
-    report = {**metrics, "bayes_accuracy": bayes_of_split(cfg, splits["test"], scores),
-              "best_val_accuracy": result.best_val_accuracy, "steps_run": result.steps_run, "loss": cfg.reward.loss,
+    report = {**metrics, **oracle_metrics_of_split(cfg, splits["test"], scores),
+              "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step, "steps_run": result.steps_run,
+              "select_on": cfg.reward.select_on, "loss": cfg.reward.loss,
               "backbone_pretrain_steps": cfg.reward.pretrain_steps if cfg.reward.backbone == "tiny" else 0}
     calibration = metrics["calibration"]
     figures += [calibration_plot(np.asarray(calibration["pred"], dtype=float),
                                  np.asarray(calibration["observed"], dtype=float), out / "calibration.png"),
-                loss_curve({k: result.history[k] for k in ("loss", "val_accuracy") if result.history.get(k)},
+                loss_curve({k: result.history[k] for k in ("loss", "val_loss", "val_accuracy") if result.history.get(k)},
                            out / "reward_training.png", title="reward model training",
-                           steps={"val_accuracy": result.history.get("eval_step", [])})]
+                           steps={k: result.history.get("eval_step", []) for k in ("val_loss", "val_accuracy")})]
     for path in figures:
         tracker.log_artifact(path, "figures")
-    log.info("reward: held-out accuracy %s on %d pairs, Bayes rate %s", report["pairwise_accuracy"], report["n_pairs"],
-             report["bayes_accuracy"])
+    log.info("reward: held-out accuracy %s on %d pairs (expected %s), Bayes rate %s", report["pairwise_accuracy"],
+             report["n_pairs"], report["expected_accuracy"], report["bayes_accuracy"])
     return report
 
 
