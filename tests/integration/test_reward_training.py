@@ -345,3 +345,26 @@ def test_ema_weights_are_the_ones_validated_and_kept(demo: DemoSplits, single_th
     val = split("val")
     accuracy = evaluate_reward(averaged, val)[0]["pairwise_accuracy"]
     assert accuracy == pytest.approx(averaged_result.best_val_accuracy)
+
+
+def test_perception_ceiling_orders_the_demo_pairs_like_the_oracle(demo: DemoSplits, single_thread: None) -> None:
+    """The ceiling learner sees the oracle's measurements: correct vs wrong colour or position is easy for it."""
+    from prefalign.evaluation.reward_ceiling import perception_ceiling
+
+    def split(name: str) -> RewardData:
+        return RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split=name)
+
+    result = perception_ceiling(split("train"), split("val"), split("test"), tau=0.08, steps=500)
+    assert result.oracle_agreement > 0.95
+    assert result.bayes_accuracy - 0.03 < result.expected_accuracy <= result.bayes_accuracy
+    assert result.pairwise_accuracy > 0.9 and 0 < result.best_step <= 500
+
+
+def test_perception_ceiling_needs_training_pairs(demo: DemoSplits) -> None:
+    from prefalign.evaluation.reward_ceiling import perception_ceiling
+
+    test = RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split="test")
+    empty = RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split="test")
+    empty.pair_w = empty.pair_l = empty.pair_prompt = np.zeros(0, np.int64)
+    with pytest.raises(ValueError, match="train split has none"):
+        perception_ceiling(empty, test, test, tau=0.08)

@@ -174,3 +174,23 @@ def test_a_base_folder_that_is_not_an_sd_pipeline_is_named(tmp_path):
     (partial / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": []}))
     with pytest.raises(ValueError, match="missing component.*vae"):
         check_pipeline_folder(partial)
+
+
+def test_bench_reward_ceiling_reads_the_pipeline_outputs(ran, pipeline_root, tmp_path):
+    import subprocess
+    import sys
+
+    out, figure = tmp_path / "ceiling.json", tmp_path / "ceiling.png"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_reward_ceiling.py"), "--params",
+                    str(pipeline_root / "params.yaml"), "--seeds", "2", "--steps", "20", "--json", str(out),
+                    "--figure", str(figure)], check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    reward = json.loads((pipeline_root / "reports/reward.json").read_text())
+    # The same model on the same pairs as the stage's report.
+    assert report["reward_model"]["pairwise_accuracy"] == pytest.approx(reward["pairwise_accuracy"])
+    assert report["reward_model"]["expected_accuracy"] == pytest.approx(reward["expected_accuracy"])
+    assert report["bayes_accuracy"] == pytest.approx(reward["bayes_accuracy"])
+    ceiling = report["perception_ceiling"]
+    assert ceiling["seeds"] == 2 and len(ceiling["best_steps"]) == 2
+    assert ceiling["expected_accuracy"]["min"] <= ceiling["expected_accuracy"]["max"] <= report["bayes_accuracy"]
+    assert figure.read_bytes()[:4] == b"\x89PNG"

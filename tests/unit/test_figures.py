@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prefalign.evaluation.figures import calibration_plot, image_grid, loss_curve, win_rate_bars
+from prefalign.evaluation.figures import accuracy_bars, calibration_plot, image_grid, loss_curve, win_rate_bars
 from prefalign.world.grammar import all_attributes
 from prefalign.world.render import render_batch
 
@@ -66,3 +66,10 @@ def test_loss_curve_places_sparse_series_at_their_steps(tmp_path):
     _check_png(loss_curve(history, tmp_path / "val.png", title="reward", steps={"val_accuracy": [100, 200, 300]}))
     with pytest.raises(ValueError, match="val_accuracy: 3 values but 2 steps"):
         loss_curve(history, tmp_path / "bad.png", title="reward", steps={"val_accuracy": [100, 200]})
+
+
+def test_accuracy_bars(tmp_path):
+    out = accuracy_bars({"reward model": [0.681], "perception ceiling": [0.694, 0.699, 0.701]},
+                        tmp_path / "acc.png", title="reward accuracy", reference=0.728, target=0.698)
+    png = _check_png(out)
+    assert png.width > png.height

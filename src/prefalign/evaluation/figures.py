@@ -210,3 +210,44 @@ def calibration_plot(pred_prob: ArrayLike, observed: ArrayLike, path: str | Path
     ax.legend(loc="upper left", fontsize=8, markerscale=0.5)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def accuracy_bars(
+    accuracies: Mapping[str, Sequence[float]], path: str | Path, *, title: str, reference: float | None = None,
+    target: float | None = None,
+) -> Path:
+    """Horizontal bars of accuracies, each the mean of its values with their range as whiskers.
+
+    Args:
+        accuracies: Name (e.g. "reward model", "perception ceiling") to one or more measured values.
+        path: Output PNG.
+        title: Figure title.
+        reference: Drawn as a solid line (e.g. the Bayes rate).
+        target: Drawn as a dashed line (e.g. the Bayes rate minus 3 points).
+
+    Returns:
+        The written path.
+    """
+    names = list(accuracies)
+    values = [np.asarray(accuracies[k], np.float64) for k in names]
+    means = np.array([v.mean() for v in values])
+    err = np.vstack([means - [v.min() for v in values], [v.max() for v in values] - means])
+    fig = _figure(7.0, 1.4 + 0.45 * max(len(names), 1))
+    ax = fig.add_subplot()
+    ypos = np.arange(len(names))[::-1]
+    ax.barh(ypos, means, xerr=err, color="tab:blue", alpha=0.75, capsize=4)
+    for y, mean, v in zip(ypos, means, values, strict=True):
+        label = f"{mean:.3f}" if len(v) == 1 else f"{mean:.3f} ({v.min():.3f}-{v.max():.3f}, n={len(v)})"
+        ax.text(0.505, y, label, va="center", fontsize=8, color="white")
+    lines = [(reference, "solid", "Bayes rate"), (target, "dashed", "target")]
+    for x, style, label in lines:
+        if x is not None:
+            ax.axvline(x, color="black", linestyle=style, linewidth=1, label=f"{label} {x:.3f}")
+    ax.set_yticks(ypos, labels=names)
+    low = min(0.5, float(np.min([v.min() for v in values])) - 0.02) if values else 0.5
+    ax.set_xlim(low, 1.0 if reference is None else min(1.0, max(reference, float(means.max())) + 0.04))
+    ax.set_xlabel("held-out pairwise accuracy")
+    if reference is not None or target is not None:
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title)
+    return _save(fig, path)
