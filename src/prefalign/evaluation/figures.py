@@ -248,6 +248,7 @@ def accuracy_bars(
     ax.set_xlim(low, 1.0 if reference is None else min(1.0, max(reference, float(means.max())) + 0.04))
     ax.set_xlabel("held-out pairwise accuracy")
     if reference is not None or target is not None:
-        ax.legend(loc="lower right", fontsize=8)
+        # Outside the axes: bars reach the reference lines, so any corner inside would cover one.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title)
     return _save(fig, path)
