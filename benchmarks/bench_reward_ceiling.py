@@ -68,6 +68,8 @@ def main() -> None:
     def summary(values: list[float]) -> dict[str, float]:
         return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
+    ceiling_expected = summary([c.expected_accuracy for c in ceilings])
+
     report = {
         "n_test_pairs": n_pairs,
         "n_train_pairs": splits["train"].n_pairs,
@@ -78,15 +80,14 @@ def main() -> None:
             "seeds": args.seeds,
             "steps": args.steps,
             "seconds": round(seconds, 1),
-            "expected_accuracy": summary([c.expected_accuracy for c in ceilings]),
+            "expected_accuracy": ceiling_expected,
             "pairwise_accuracy": summary([c.pairwise_accuracy for c in ceilings]),
             "oracle_agreement": summary([c.oracle_agreement for c in ceilings]),
             "best_steps": [c.best_step for c in ceilings],
         },
         "gap_points": {  # expected accuracy, so no label-sampling noise in the differences
-            "bayes_minus_ceiling": 100 * (bayes - float(np.mean([c.expected_accuracy for c in ceilings]))),
-            "ceiling_minus_reward_model": 100 * (float(np.mean([c.expected_accuracy for c in ceilings]))
-                                                 - model["expected_accuracy"]),
+            "bayes_minus_ceiling": 100 * (bayes - ceiling_expected["mean"]),
+            "ceiling_minus_reward_model": 100 * (ceiling_expected["mean"] - model["expected_accuracy"]),
         },
     }
     text = json.dumps(report, indent=2)

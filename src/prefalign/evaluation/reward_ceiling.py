@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from prefalign.training.reward import pairwise_accuracy
 from prefalign.world.annotators import bayes_accuracy, expected_accuracy
 from prefalign.world.grammar import DOMAINS, parse_prompt
 from prefalign.world.oracle import measure, oracle_scores
@@ -46,6 +47,30 @@ class CeilingResult:
     oracle_agreement: float
     bayes_accuracy: float
     best_step: int
+
+
+def oracle_metrics(data, score_w: np.ndarray, score_l: np.ndarray, *, tau: float) -> dict[str, float]:
+    """What the demo world's known truth says of a model's scores on the decided pairs of ``data``.
+
+    Args:
+        data: a ``RewardData`` split of the demo world.
+        score_w, score_l: the model's scores of every pair's two images (ties included; they are skipped).
+        tau: the annotators' Bradley–Terry temperature.
+
+    Returns:
+        ``bayes_accuracy``: the oracle's own expected accuracy, mean of sigma(|delta| / tau).
+        ``expected_accuracy``: the model's accuracy averaged over annotator draws on the same pairs (the same
+        quantity for the model, so the gap to the Bayes rate carries no label-sampling error).
+        ``oracle_agreement``: share of pairs the model orders as the oracle does.
+    """
+    decided = data.pair_label == 1.0
+    prompts = [data.prompts[i] for i in data.pair_prompt[decided]]
+    oracle_w = oracle_scores(prompts, data.images[data.pair_w[decided]])
+    oracle_l = oracle_scores(prompts, data.images[data.pair_l[decided]])
+    model_w, model_l = score_w[decided], score_l[decided]
+    return {"bayes_accuracy": float(bayes_accuracy(oracle_w, oracle_l, tau=tau)),
+            "expected_accuracy": float(expected_accuracy(model_w, model_l, oracle_w, oracle_l, tau=tau)),
+            "oracle_agreement": float(np.mean(np.sign(model_w - model_l) == np.sign(oracle_w - oracle_l)))}
 
 
 def image_features(images: np.ndarray) -> np.ndarray:
@@ -116,8 +141,7 @@ def perception_ceiling(train, val, test, *, tau: float, seed: int = 0, steps: in
     """
     if train.n_pairs == 0:
         raise ValueError("the ceiling learner needs training pairs; the train split has none")
-    decided = test.pair_label == 1.0
-    if not decided.any():
+    if not (test.pair_label == 1.0).any():
         raise ValueError("the test split has no decided pairs to score")
     splits = {name: _Split(data) for name, data in (("train", train), ("val", val), ("test", test))}
     torch.manual_seed(seed)
@@ -140,15 +164,8 @@ def perception_ceiling(train, val, test, *, tau: float, seed: int = 0, steps: in
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     with torch.no_grad():
-        gap = splits["test"].gaps(model).numpy()[decided]
-    prompts = [test.prompts[i] for i in test.pair_prompt[decided]]
-    oracle_w = oracle_scores(prompts, test.images[test.pair_w[decided]])
-    oracle_l = oracle_scores(prompts, test.images[test.pair_l[decided]])
+        gap = splits["test"].gaps(model).numpy()
     zeros = np.zeros_like(gap)
-    return CeilingResult(
-        expected_accuracy=expected_accuracy(gap, zeros, oracle_w, oracle_l, tau=tau),
-        pairwise_accuracy=float(((gap > 0) + 0.5 * (gap == 0)).mean()),
-        oracle_agreement=float(np.mean(np.sign(gap) == np.sign(oracle_w - oracle_l))),
-        bayes_accuracy=bayes_accuracy(oracle_w, oracle_l, tau=tau),
-        best_step=best_step,
-    )
+    accuracy = pairwise_accuracy(gap, zeros, test.pair_label)[0]
+    return CeilingResult(pairwise_accuracy=accuracy, best_step=best_step,
+                         **oracle_metrics(test, gap, zeros, tau=tau))

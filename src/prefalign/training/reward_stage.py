@@ -50,27 +50,12 @@ def _scorer(cfg: PipelineConfig):
 
 
 def oracle_metrics_of_split(cfg: PipelineConfig, data, scores) -> dict[str, float | None]:
-    """What the demo world's known truth says of the held-out decided pairs (all None on real data).
-
-    ``bayes_accuracy``: the oracle's own expected accuracy, mean of sigma(|delta| / tau).
-    ``expected_accuracy``: the model's accuracy averaged over annotator draws on the same pairs (the same
-    quantity for the model, so the gap to the Bayes rate carries no label-sampling error).
-    ``oracle_agreement``: share of pairs the model orders as the oracle does.
-    """
+    """``reward_ceiling.oracle_metrics`` of the scores on the demo world; all None on real data (no oracle)."""
     if cfg.model.preset != "demo":
         return {"bayes_accuracy": None, "expected_accuracy": None, "oracle_agreement": None}
-    from prefalign.world.annotators import bayes_accuracy, expected_accuracy
-    from prefalign.world.oracle import oracle_scores
+    from prefalign.evaluation.reward_ceiling import oracle_metrics
 
-    decided = scores.label == 1.0
-    prompts = [data.prompts[i] for i in data.pair_prompt[decided]]
-    oracle_w = oracle_scores(prompts, data.images[data.pair_w[decided]])
-    oracle_l = oracle_scores(prompts, data.images[data.pair_l[decided]])
-    model_w, model_l = scores.score_w[decided], scores.score_l[decided]
-    tau = cfg.world.annotator_tau
-    return {"bayes_accuracy": float(bayes_accuracy(oracle_w, oracle_l, tau=tau)),
-            "expected_accuracy": float(expected_accuracy(model_w, model_l, oracle_w, oracle_l, tau=tau)),
-            "oracle_agreement": float(np.mean(np.sign(model_w - model_l) == np.sign(oracle_w - oracle_l)))}
+    return oracle_metrics(data, scores.score_w, scores.score_l, tau=cfg.world.annotator_tau)
 
 
 def freeze_for_fine_tuning(cfg: PipelineConfig, scorer) -> None:
