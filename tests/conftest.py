@@ -45,6 +45,7 @@ TINY_OVERRIDES = {
     "dro.top_k": 16,
     "eval.n_prompts": 4,
     "eval.images_per_prompt": 2,
+    "eval.grid_prompts": 4,
     "eval.sample_steps": 2,
     "eval.bootstrap": 50,
 }

@@ -285,6 +285,10 @@ class EvalConfig(Section):
     guidance: NonNegativeFloat = Field(3.0, description="Classifier-free guidance scale.")
     bootstrap: PositiveInt = Field(2000, description="Bootstrap resamples of prompts for the 95% interval.")
     metric_primary: Literal["oracle", "reward"] = Field("oracle", description="Metric that decides promotion.")
+    grid_prompts: PositiveInt = Field(
+        12, description="Held-out prompts shown in reports/eval/samples.png (at most the prompts evaluated).")
+    grid_seeds: PositiveInt = Field(
+        2, description="Evaluation images per grid prompt shown per model (at most images_per_prompt).")
 
 
 class RegistryConfig(Section):

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prefalign.evaluation.figures import accuracy_bars, calibration_plot, image_grid, loss_curve, win_rate_bars
+from prefalign.evaluation.figures import (
+    accuracy_bars,
+    accuracy_grouped_bars,
+    calibration_plot,
+    comparison_grid,
+    image_grid,
+    loss_curve,
+    win_rate_bars,
+)
 from prefalign.world.grammar import all_attributes
 from prefalign.world.render import render_batch
 
@@ -73,3 +81,50 @@ def test_accuracy_bars(tmp_path):
                         tmp_path / "acc.png", title="reward accuracy", reference=0.728, target=0.698)
     png = _check_png(out)
     assert png.width > png.height
+
+
+def _accuracy(models=("base", "dpo", "dro"), attrs=("found", "color", "position", "all")):
+    rng = np.random.default_rng(2)
+    out = {}
+    for m in models:
+        means = rng.random(len(attrs))
+        out[m] = {a: {"mean": v, "ci_low": max(v - 0.1, 0.0), "ci_high": min(v + 0.1, 1.0)}
+                  for a, v in zip(attrs, means, strict=True)}
+    return out
+
+
+def test_accuracy_grouped_bars(tmp_path):
+    png = _check_png(accuracy_grouped_bars(_accuracy(), tmp_path / "acc.png", title="strict accuracy"))
+    assert png.width > png.height
+    bad = _accuracy()
+    del bad["dro"]["color"]
+    with pytest.raises(ValueError, match="'dro' has attributes"):
+        accuracy_grouped_bars(bad, tmp_path / "bad.png", title="x")
+    with pytest.raises(ValueError, match="at least one model"):
+        accuracy_grouped_bars({}, tmp_path / "bad.png", title="x")
+
+
+def test_comparison_grid(tmp_path):
+    prompts, seeds, models = 5, 2, 3
+    images = render_batch(all_attributes()[: prompts * seeds * models], 16).reshape(prompts, seeds, models, 16, 16, 3)
+    captions = [[[f"{0.1 * (p + s + m):.2f}" for m in range(models)] for s in range(seeds)] for p in range(prompts)]
+    marks = [[["" if m else "\u2717col \u2717pos\n\u2717size" for m in range(models)] for s in range(seeds)]
+             for p in range(prompts)]
+    out = comparison_grid(images, [f"prompt {p}" for p in range(prompts)], ["base", "dpo", "dro"],
+                          tmp_path / "cmp.png", captions=captions, marks=marks, title="two lines\nof title")
+    png = _check_png(out)
+    # Two column groups of 2 seeds x 3 models, each tile upscaled 5x (80 px): at least 12 tiles wide, 3 rows high.
+    assert png.width >= 12 * 80 and png.height >= 3 * 80
+    _check_png(comparison_grid(images, [f"p{p}" for p in range(prompts)], ["a", "b", "c"], tmp_path / "plain.png"))
+
+
+@pytest.mark.parametrize("shape", [(5, 2, 3, 16, 16, 4), (5, 2, 2, 16, 16, 3), (4, 2, 3, 16, 16, 3), (30, 16, 16, 3)])
+def test_comparison_grid_bad_shape(tmp_path, shape):
+    with pytest.raises(ValueError, match="got array of shape"):
+        comparison_grid(np.zeros(shape, np.uint8), [f"p{p}" for p in range(5)], ["a", "b", "c"], tmp_path / "x.png")
+
+
+def test_comparison_grid_bad_captions(tmp_path):
+    images = np.zeros((2, 1, 3, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"captions must be \(prompts, seeds, models\) = \(2, 1, 3\)"):
+        comparison_grid(images, ["p0", "p1"], ["a", "b", "c"], tmp_path / "x.png", captions=[[["1", "2", "3"]]])

@@ -252,3 +252,168 @@ def accuracy_bars(
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def accuracy_grouped_bars(
+    accuracy: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path, *, title: str
+) -> Path:
+    """Grouped vertical bars of per-attribute accuracies: one group per attribute, one bar per model.
+
+    Args:
+        accuracy: Model (e.g. "base", "dpo", "dro") to attribute to ``{"mean", "ci_low", "ci_high"}``;
+            every model must have the same attributes. Bars follow the mapping orders.
+        path: Output PNG.
+        title: Figure title.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: If there are no models or the models' attributes differ.
+    """
+    models = list(accuracy)
+    if not models:
+        raise ValueError("accuracy_grouped_bars needs at least one model")
+    attrs = list(accuracy[models[0]])
+    for name in models:
+        if list(accuracy[name]) != attrs:
+            raise ValueError(f"model {name!r} has attributes {list(accuracy[name])}, {models[0]!r} has {attrs}")
+    fig = _figure(1.6 + 0.35 * len(attrs) * (len(models) + 1), 3.8)
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    x = np.arange(len(attrs))
+    for k, name in enumerate(models):
+        mean = np.array([float(accuracy[name][a]["mean"]) for a in attrs])
+        low = np.array([float(accuracy[name][a]["ci_low"]) for a in attrs])
+        high = np.array([float(accuracy[name][a]["ci_high"]) for a in attrs])
+        xs = x - 0.4 + width * (k + 0.5)
+        err = np.vstack([np.maximum(mean - low, 0), np.maximum(high - mean, 0)])
+        ax.bar(xs, mean, width * 0.92, yerr=err, capsize=2, label=name, color=f"C{k}", alpha=0.85,
+               error_kw={"linewidth": 0.8})
+        for xi, m, hi in zip(xs, mean, high, strict=True):
+            # In the bar's foot (above the bar the error bar would cross the number); over the interval
+            # when the bar is too short to hold it.
+            if m >= 0.15:
+                ax.text(xi, 0.02, f"{m:.2f}", ha="center", va="bottom", rotation=90, fontsize=7, color="white")
+            else:
+                ax.text(xi, hi + 0.02, f"{m:.2f}", ha="center", va="bottom", rotation=90, fontsize=7)
+    ax.set_xticks(x, labels=attrs)
+    ax.set_ylim(0, 1.03)  # a little headroom, so intervals that end at 1 keep their caps visible
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("accuracy (strict reading)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    # Outside the axes: bars reach 1.0 in every corner, so any legend inside would cover one.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def comparison_grid(
+    images: np.ndarray,
+    prompts: Sequence[str],
+    models: Sequence[str],
+    path: str | Path,
+    *,
+    captions: Sequence[Sequence[Sequence[str]]] | None = None,
+    marks: Sequence[Sequence[Sequence[str]]] | None = None,
+    title: str | None = None,
+    upscale: int = 5,
+    column_groups: int = 2,
+) -> Path:
+    """Models side by side on the same prompts and seeds: one block per prompt, headed by its text.
+
+    Each block is one row: for each seed, the models' images next to each other (same initial noise, so
+    the difference between neighbours is the model's doing). Blocks fill ``column_groups`` columns, top
+    to bottom, so many prompts stay on one readable page.
+
+    Args:
+        images: uint8 (prompts, seeds, models, H, W, 3).
+        prompts: One header per prompt.
+        models: One column label per model.
+        path: Output PNG.
+        captions: Optional (prompts, seeds, models) short texts under each image (e.g. its score).
+        marks: Optional (prompts, seeds, models) red texts under the caption (e.g. the attributes it gets
+            wrong; a 16 px tile at 5x holds about 12 characters a line); an empty string draws a green check
+            mark instead.
+        title: Optional title (a few lines at most, e.g. a legend of the marks).
+        upscale: Nearest-neighbour magnification, so 16 px images stay crisp.
+        column_groups: Side-by-side columns of prompt blocks.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: If the shapes of ``images``, ``captions`` or ``marks`` do not match the prompts and models.
+    """
+    images = np.asarray(images)
+    n_prompts, n_models = len(prompts), len(models)
+    if images.ndim != 6 or images.shape[-1] != 3 or images.shape[0] != n_prompts or images.shape[2] != n_models:
+        raise ValueError(f"expected images (prompts={n_prompts}, seeds, models={n_models}, H, W, 3), "
+                         f"got array of shape {images.shape}")
+    n_seeds, h, w = images.shape[1], images.shape[3], images.shape[4]
+    for name, texts in (("captions", captions), ("marks", marks)):
+        if texts is not None and np.shape(np.asarray(texts, dtype=object)) != (n_prompts, n_seeds, n_models):
+            raise ValueError(f"{name} must be (prompts, seeds, models) = {(n_prompts, n_seeds, n_models)}, "
+                             f"got {np.shape(np.asarray(texts, dtype=object))}")
+    groups = max(1, min(column_groups, n_prompts))
+    rows = -(-n_prompts // groups)
+    # Layout in output pixels (the axes map one data unit to one pixel at DPI).
+    th, tw = h * upscale + 2, w * upscale + 2  # tile with its 1 px outline
+    model_gap, seed_gap, group_gap = 4, 18, 40
+    lines = [str(t).count("\n") + 1 for row in marks or [] for seed in row for t in seed]
+    mark_lines = max(lines, default=1) if marks is not None else 0
+    header, caption_h, block_gap = 18, 6 + 12 * int(captions is not None) + 11 * mark_lines, 10
+    block_w = n_seeds * (n_models * tw + (n_models - 1) * model_gap) + (n_seeds - 1) * seed_gap
+    block_h = header + th + caption_h + block_gap
+    title_lines = 0 if not title else title.count("\n") + 1
+    top = 8 + 17 * title_lines + 36  # title, then the seed and model labels
+    width = groups * block_w + (groups - 1) * group_gap
+    height = top + rows * block_h
+    canvas = np.full((height, width, 3), 255, np.uint8)
+
+    seed_w = n_models * tw + (n_models - 1) * model_gap
+
+    def tile_x(g: int, s: int, m: int) -> int:
+        return g * (block_w + group_gap) + s * (seed_w + seed_gap) + m * (tw + model_gap)
+
+    fig = _figure(width / DPI, height / DPI)
+    ax = fig.add_axes((0, 0, 1, 1))
+    texts: list[tuple[float, float, str, dict[str, Any]]] = []
+    for p in range(n_prompts):
+        g, r = divmod(p, rows)
+        y = top + r * block_h
+        texts.append((g * (block_w + group_gap), y + header - 4, prompts[p], {"fontsize": 8.5, "va": "bottom"}))
+        for s in range(n_seeds):
+            for m in range(n_models):
+                x = tile_x(g, s, m)
+                canvas[y + header : y + header + th, x : x + tw] = FRAME
+                tile = np.repeat(np.repeat(images[p, s, m].astype(np.uint8), upscale, 0), upscale, 1)
+                canvas[y + header + 1 : y + header + th - 1, x + 1 : x + tw - 1] = tile
+                cy = y + header + th + 3
+                if captions is not None:
+                    style = {"fontsize": 8, "ha": "center", "va": "top"}
+                    texts.append((x + tw / 2, cy, str(captions[p][s][m]), style))
+                    cy += 12
+                if marks is not None:
+                    mark = str(marks[p][s][m])
+                    style = {"fontsize": 7.5, "ha": "center", "va": "top", "color": "#c00000" if mark else "#008000",
+                             "linespacing": 1.0}
+                    texts.append((x + tw / 2, cy, mark or "\u2713", style))
+    for g in range(groups):
+        for s in range(n_seeds):
+            x0 = tile_x(g, s, 0)
+            texts.append((x0 + seed_w / 2, top - 20, f"seed {s}", {"fontsize": 8, "ha": "center", "va": "bottom",
+                                                                   "color": "dimgray"}))
+            for m, name in enumerate(models):
+                texts.append((tile_x(g, s, m) + tw / 2, top - 4, name, {"fontsize": 9, "ha": "center",
+                                                                       "va": "bottom", "weight": "bold"}))
+    if title:
+        texts.append((0, 4, title, {"fontsize": 9, "va": "top", "linespacing": 1.3}))
+    ax.imshow(canvas, interpolation="nearest")
+    for x, y, text, style in texts:
+        ax.text(x - 0.5, y - 0.5, text, **style)  # imshow puts pixel i's centre at i
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_axis_off()
+    return _save(fig, path)

@@ -1,8 +1,13 @@
-"""The evaluation report: base and candidates on held-out prompts, same seeds, win rates with intervals."""
+"""The evaluation report: base and candidates on held-out prompts, same seeds, win rates with intervals.
+
+On the demo world it also reads every image strictly, attribute by attribute (:mod:`prefalign.world.attributes`),
+so the report says *what* alignment fixed (colour, position, ...), not only that the oracle score went up.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,9 @@ from prefalign.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 COMPARISONS = (("dpo", "base"), ("dro", "base"), ("dro", "dpo"))
+ACCURACY_COMPARISONS = (("dpo", "base"), ("dro", "base"))
+# Marks of the sample grid: the attributes an image gets wrong, abbreviated to fit under a 16 px tile.
+MARKS = {"color": "col", "background": "bg", "position": "pos", "size": "size", "shape": "shape"}
 
 
 def test_prompts(cfg: PipelineConfig) -> list[str]:
@@ -53,33 +61,197 @@ def score_models(cfg: PipelineConfig, prompts: list[str]) -> tuple[dict[str, dic
     return scores, prompt_ids, images
 
 
-def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]:
-    """Write figures into ``out`` and return the ``reports/eval.json`` payload (DESIGN.md, "Reports")."""
-    from prefalign.evaluation.figures import image_grid, win_rate_bars
+def grid_prompts(test_prompts: Sequence[str], n: int, seed: int) -> list[str]:
+    """The prompts of the sample grid: a fixed, spread-out choice that depends on nothing a model does.
+
+    Sorting by a keyed hash spreads the choice over every attribute (the evaluated prompts are sorted
+    alphabetically, so their first ``n`` would all be "a large black ...").
+
+    Args:
+        test_prompts: The held-out prompts evaluated.
+        n: How many to show (``eval.grid_prompts``).
+        seed: The global seed.
+
+    Returns:
+        ``n`` distinct prompts of ``test_prompts``, in grid order.
+
+    Raises:
+        ValueError: If ``n`` exceeds the number of distinct prompts.
+    """
+    from prefalign.seeding import derive_seed
+
+    unique = sorted(set(test_prompts))
+    if n > len(unique):
+        raise ValueError(f"eval.grid_prompts is {n} but only {len(unique)} held-out prompts are evaluated")
+    return sorted(unique, key=lambda p: (derive_seed(seed, "grid", p), p))[:n]
+
+
+def check_grid(cfg: PipelineConfig, prompts: Sequence[str]) -> list[str]:
+    """The sample grid's prompts, or the config error, before any image is generated.
+
+    Args:
+        cfg: The pipeline config (``eval.grid_prompts``, ``eval.grid_seeds``, ``eval.images_per_prompt``).
+        prompts: The held-out prompts evaluated.
+
+    Returns:
+        :func:`grid_prompts` of ``prompts``.
+
+    Raises:
+        ValueError: If the grid asks for more prompts than evaluated or more seeds than images per prompt.
+    """
+    if cfg.eval.grid_seeds > cfg.eval.images_per_prompt:
+        raise ValueError(f"eval.grid_seeds is {cfg.eval.grid_seeds} but eval.images_per_prompt is only "
+                         f"{cfg.eval.images_per_prompt} (the grid shows the evaluation's own images)")
+    return grid_prompts(prompts, cfg.eval.grid_prompts, cfg.seed)
+
+
+def summarize(
+    scores: Mapping[str, Mapping[str, np.ndarray]],
+    prompt_ids: np.ndarray,
+    *,
+    n_boot: int,
+    seed: int,
+    correctness: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> dict[str, Any]:
+    """The numbers of ``reports/eval.json`` from per-image scores (and correctness), no images needed.
+
+    Args:
+        scores: Model to metric ("oracle", "reward") to one score per image; images are paired across models
+            on (prompt, seed).
+        prompt_ids: Prompt of each image; the intervals resample prompts.
+        n_boot: Bootstrap resamples.
+        seed: Seed of the resampling (the same for every metric).
+        correctness: Optional model to attribute to bool per image
+            (:func:`prefalign.world.attributes.attribute_correctness`).
+
+    Returns:
+        {"models", "win_rates"}, and with ``correctness`` also each model's ``accuracy``
+        ({attribute: {"mean", "ci_low", "ci_high"}}) and ``accuracy_delta``
+        ({"dpo_vs_base": {attribute: {"mean", "ci_low", "ci_high"}}, ...}: candidate minus base, per image).
+    """
     from prefalign.evaluation.metrics import mean_ci, win_rate
 
-    prompts = test_prompts(cfg)
-    scores, prompt_ids, images = score_models(cfg, prompts)
-    metrics = list(scores["base"])
-    boot = {"n_boot": cfg.eval.bootstrap, "seed": cfg.seed}
-    models = {name: {f"{m}_{k}": v for m in metrics for k, v in mean_ci(s[m], prompt_ids, **boot).items()}
-              for name, s in scores.items()}
+    boot = {"n_boot": n_boot, "seed": seed}
+    models: dict[str, dict[str, Any]] = {
+        name: {f"{m}_{k}": v for m in s for k, v in mean_ci(s[m], prompt_ids, **boot).items()}
+        for name, s in scores.items()}
+    metrics = list(next(iter(scores.values())))
     win_rates = {f"{a}_vs_{b}": {m: win_rate(scores[a][m], scores[b][m], prompt_ids, **boot) for m in metrics}
-                 for a, b in COMPARISONS}
+                 for a, b in COMPARISONS if a in scores and b in scores}
+    out: dict[str, Any] = {"models": models, "win_rates": win_rates}
+    if correctness is not None:
+        for name, correct in correctness.items():
+            models[name]["accuracy"] = {k: mean_ci(np.asarray(v, np.float64), prompt_ids, **boot)
+                                        for k, v in correct.items()}
+        # Images are paired on (prompt, seed), so the per-image difference of 0/1 readings is a paired
+        # estimate; resampling prompts keeps each prompt's images together, as for the win rates.
+        out["accuracy_delta"] = {
+            f"{a}_vs_{b}": {k: mean_ci(np.asarray(correctness[a][k], np.float64) - np.asarray(correctness[b][k]),
+                                       prompt_ids, **boot) for k in correctness[b]}
+            for a, b in ACCURACY_COMPARISONS if a in correctness and b in correctness}
+    return out
+
+
+def _wrong_marks(correct: Mapping[str, np.ndarray], i: int) -> str:
+    """Short red text naming what image ``i`` gets wrong ("" when it gets everything right)."""
+    if not correct["found"][i]:
+        return "\u2717 no object"
+    wrong = [f"\u2717{short}" for name, short in MARKS.items() if not correct[name][i]]
+    # Two marks a line: three ("✗col ✗pos ✗shape") are wider than a 16 px tile at 5x.
+    return "\n".join(" ".join(wrong[k : k + 2]) for k in range(0, len(wrong), 2))
+
+
+def sample_grid(
+    images: Mapping[str, np.ndarray],
+    scores: Mapping[str, Mapping[str, np.ndarray]],
+    correctness: Mapping[str, Mapping[str, np.ndarray]] | None,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    *,
+    images_per_prompt: int,
+    seeds: int,
+    path: Path,
+) -> Path:
+    """``samples.png``: the chosen prompts' first ``seeds`` evaluation images of every model, side by side.
+
+    Args:
+        images: Model to uint8 (N, H, W, 3) evaluation images, prompt-major (``eval_grid`` order).
+        scores: Model to metric to per-image scores; captions show the oracle score, else the reward.
+        correctness: Model to attribute to per-image readings (demo world), for the wrong-attribute marks.
+        prompts: The evaluated prompts, in evaluation order.
+        chosen: The grid's prompts (:func:`grid_prompts`).
+        images_per_prompt: Evaluation images per prompt.
+        seeds: Images shown per prompt and model.
+        path: Output PNG.
+
+    Returns:
+        The written path.
+    """
+    from prefalign.evaluation.figures import comparison_grid
+
+    names = list(images)
+    metric = "oracle" if "oracle" in scores[names[0]] else "reward"
+    index = np.array([[prompts.index(p) * images_per_prompt + s for s in range(seeds)] for p in chosen])
+    tiles = np.stack([images[m][index] for m in names], axis=2)  # (prompts, seeds, models, H, W, 3)
+    captions = [[[f"{scores[m][metric][i]:.2f}" for m in names] for i in row] for row in index]
+    marks = None if correctness is None else [[[_wrong_marks(correctness[m], i) for m in names] for i in row]
+                                              for row in index]
+    title = f"held-out prompts, evaluation seeds 0-{seeds - 1}; under each image its {metric} score"
+    if marks is not None:
+        title += ("\n\u2717 = attribute read wrong (strict): col colour, bg background, pos position, size, shape; "
+                  "\u2713 = all right")
+    return comparison_grid(tiles, list(chosen), names, path, captions=captions, marks=marks, title=title)
+
+
+def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]:
+    """Write figures into ``out`` and return the ``reports/eval.json`` payload (DESIGN.md, "Reports").
+
+    Args:
+        cfg: The pipeline config.
+        out: Folder of the figures (``reports/eval``).
+        tracker: Where metrics and figures are logged.
+
+    Returns:
+        The payload; on the demo world each model also has ``accuracy`` and the payload ``accuracy_delta``.
+
+    Raises:
+        ValueError: If ``eval.grid_prompts`` or ``eval.grid_seeds`` ask for more than is evaluated (before
+            any image is generated).
+    """
+    from prefalign.evaluation.figures import accuracy_grouped_bars, win_rate_bars
+    from prefalign.evaluation.generate import eval_grid
+
+    prompts = test_prompts(cfg)
+    chosen = check_grid(cfg, prompts)
+    scores, prompt_ids, images = score_models(cfg, prompts)
+    correctness = None
+    if cfg.model.preset == "demo":
+        from prefalign.world.attributes import attribute_correctness
+
+        flat = eval_grid(prompts, cfg.eval.images_per_prompt, cfg.seed)[0]
+        correctness = {name: attribute_correctness(flat, batch, image_size=cfg.model.resolution)
+                       for name, batch in images.items()}
+    summary = summarize(scores, prompt_ids, n_boot=cfg.eval.bootstrap, seed=cfg.seed, correctness=correctness)
+    models, win_rates = summary["models"], summary["win_rates"]
+    metrics = list(scores["base"])
     primary = cfg.eval.metric_primary if cfg.eval.metric_primary in metrics else "reward"
     for name, values in models.items():
-        tracker.log_metrics({f"eval/{name}_{k}": v for k, v in values.items()})
+        tracker.log_metrics({f"eval/{name}_{k}": v for k, v in values.items() if k != "accuracy"})
+        tracker.log_metrics({f"eval/{name}_acc_{a}": r["mean"] for a, r in values.get("accuracy", {}).items()})
     for key, result in win_rates.items():
         tracker.log_metrics({f"eval/{key}_{m}_rate": r["rate"] for m, r in result.items()})
-    first = np.arange(min(8, len(prompts))) * cfg.eval.images_per_prompt
-    grid = np.concatenate([images[name][first] for name in scores])
-    figures = [image_grid(grid, list(scores), len(first), out / "samples.png", title="held-out prompts, seed 0"),
+    figures = [sample_grid(images, scores, correctness, prompts, chosen, images_per_prompt=cfg.eval.images_per_prompt,
+                           seeds=cfg.eval.grid_seeds, path=out / "samples.png"),
                win_rate_bars({f"{k} ({m})": r for k, v in win_rates.items() for m, r in v.items()},
                              out / "win_rates.png", title="win rate (95% bootstrap CI over prompts)")]
-    (out / "samples_prompts.txt").write_text("\n".join(prompts[: len(first)]) + "\n")
+    if correctness is not None:
+        figures.append(accuracy_grouped_bars({name: values["accuracy"] for name, values in models.items()},
+                                             out / "accuracy.png",
+                                             title="strict per-attribute accuracy (95% bootstrap CI over prompts)"))
+    (out / "samples_prompts.txt").write_text("\n".join(chosen) + "\n")
     for path in figures:
         tracker.log_artifact(path, "figures")
-    return {
+    report = {
         "metric_primary": primary,
         "models": models,
         "win_rates": win_rates,
@@ -90,3 +262,6 @@ def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]
         "notes": "The reward model selected DRO's expert demonstrations, so its score is not an independent judge "
                  "of DRO; on the demo world the oracle is.",
     }
+    if "accuracy_delta" in summary:
+        report["accuracy_delta"] = summary["accuracy_delta"]
+    return report
