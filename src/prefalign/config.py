@@ -93,8 +93,10 @@ class Pretrain(Section):
     vae_steps: NonNegativeInt = Field(500, description="VAE optimizer steps.")
     vae_lr: PositiveFloat = Field(2e-3, description="VAE learning rate.")
     vae_kl_weight: NonNegativeFloat = Field(1e-6, description="KL weight of the VAE loss.")
-    unet_steps: NonNegativeInt = Field(1400, description="UNet + text encoder optimizer steps.")
+    unet_steps: NonNegativeInt = Field(1000, description="UNet + text encoder optimizer steps.")
     unet_lr: PositiveFloat = Field(1e-3, description="UNet + text encoder learning rate.")
+    unet_lr_schedule: Literal["constant_with_warmup", "cosine"] = Field(
+        "cosine", description="UNet + text encoder schedule after a 50-step warmup (diffusers get_scheduler).")
     batch_size: PositiveInt = Field(64, description="Images per optimizer step.")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Empty-caption rate (enables guidance).")
 
@@ -147,7 +149,7 @@ class ModelConfig(Section):
     preset: Literal["demo", "sd15", "sdxl", "sd15-random"] = Field("demo", description="Model family.")
     pretrained_path: str | None = Field(None, description="Local SD1.x diffusers folder for sd15, used in place (never a hub id).")
     resolution: PositiveInt = Field(16, description="Training/sampling resolution in pixels.")
-    unet_channels: tuple[PositiveInt, ...] = Field((64, 128), description="Demo UNet block widths.")
+    unet_channels: tuple[PositiveInt, ...] = Field((64, 128, 128), description="Demo UNet block widths.")
     vae_channels: tuple[PositiveInt, ...] = Field((32, 64), description="Demo VAE block widths.")
     text_hidden: PositiveInt = Field(64, description="Demo CLIP text encoder width.")
     text_layers: PositiveInt = Field(2, description="Demo CLIP text encoder layers.")

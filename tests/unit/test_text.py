@@ -31,3 +31,12 @@ def test_save_and_reload_offline(tmp_path):
     again = CLIPTokenizer.from_pretrained(tmp_path)
     assert len(again) == len(tok) > 2
     assert again("a red triangle").input_ids == tok("a red triangle").input_ids
+
+
+def test_every_grammar_prompt_fits_the_demo_tokenizer_untruncated():
+    from prefalign.world.grammar import all_attributes, prompt_of, vocabulary_words
+
+    tok = build_tokenizer(vocabulary_words())
+    longest = max((tok(prompt_of(a)).input_ids for a in all_attributes()), key=len)
+    assert len(longest) <= tok.model_max_length
+    assert longest[-1] == tok.eos_token_id

@@ -60,8 +60,12 @@ def tokenizer_files(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[st
     return vocab, merges
 
 
-def build_tokenizer(words: Iterable[str], *, max_length: int = 32) -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` whose whole-word tokens are ``words``; save it with ``save_pretrained``."""
+def build_tokenizer(words: Iterable[str], *, max_length: int = 16) -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` whose whole-word tokens are ``words``; save it with ``save_pretrained``.
+
+    ``max_length`` 16 holds the demo grammar's longest prompt (12 words + start and end tokens); every padded
+    position costs text-encoder and cross-attention time in every training step.
+    """
     from transformers import CLIPTokenizer
 
     vocab, merges = tokenizer_files(words)

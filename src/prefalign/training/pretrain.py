@@ -74,14 +74,21 @@ def encode_posteriors(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cfg: Pretrain, *, seed, log_metrics) -> list[float]:
-    """ε-prediction MSE with caption dropout (so classifier-free guidance works)."""
+    """ε-prediction MSE with caption dropout (so classifier-free guidance works).
+
+    A cosine decay reaches a lower loss than a constant rate in the same number of steps (the stage has a
+    few minutes of CPU), which is what lets the base learn colours and shapes as well as before in fewer steps.
+    """
+    from diffusers.optimization import get_scheduler
+
     scheduler = diffusion.make_scheduler("ddpm")
     gen = torch.Generator().manual_seed(seed + 1)
     ids = tokenizer(list(captions) + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     empty_id = len(captions)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    sched = get_scheduler(cfg.unet_lr_schedule, opt, num_warmup_steps=min(50, cfg.unet_steps),
+                          num_training_steps=cfg.unet_steps)
     history = []
     unet.train(), text_encoder.train()
     for step in tqdm(range(cfg.unet_steps), desc="pretrain unet", mininterval=5):
