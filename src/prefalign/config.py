@@ -114,7 +114,7 @@ class DataConfig(Section):
     pool_base_samples: NonNegativeInt = Field(8, description="Demo: base-model samples per prompt.")
     pool_renderings: NonNegativeInt = Field(2, description="Demo: corrupted renderings per prompt ('other models').")
     pool_pairs_per_prompt: PositiveInt = Field(45, description="Demo: pairs drawn per prompt from its images.")
-    pool_sample_steps: PositiveInt = Field(20, description="Demo: sampler steps for base-model samples.")
+    pool_sample_steps: PositiveInt = Field(10, description="Demo: sampler steps for base-model samples.")
     pool_guidance: NonNegativeFloat = Field(3.0, description="Demo: guidance scale of base-model samples.")
 
     @model_validator(mode="after")
