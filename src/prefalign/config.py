@@ -228,6 +228,9 @@ class DPOConfig(PolicyTrainerConfig):
     batch_size: PositiveInt = Field(32, description="Pairs per micro-batch per process.")
     warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps.")
     prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Share of pairs trained with the empty prompt.")
+    timestep_min: int = Field(
+        0, ge=0, lt=1000, description="Train on t ~ U{timestep_min..999} (0: the published uniform draw); the layout "
+        "(where the object goes) is decided at high t.")
     checkpoint_every: NonNegativeInt = Field(
         100, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
     )

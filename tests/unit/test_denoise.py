@@ -117,3 +117,15 @@ def test_saved_lora_loads_back_completely_with_the_diffusers_loader(tmp_path):
     assert loaded.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_timestep_min_bounds_the_draw_and_zero_keeps_the_published_draw():
+    from prefalign.training.denoise import keyed_timesteps_and_noise
+
+    ids = list(range(200))
+    t0, noise0 = keyed_timesteps_and_noise(ids, seed=3, purpose="dpo", shape=(4, 2, 2))
+    t_default, noise_default = keyed_timesteps_and_noise(ids, seed=3, purpose="dpo", shape=(4, 2, 2), timestep_min=0)
+    assert torch.equal(t0, t_default) and torch.equal(noise0, noise_default)
+    high, _ = keyed_timesteps_and_noise(ids, seed=3, purpose="dpo", shape=(4, 2, 2), timestep_min=500)
+    assert int(high.min()) >= 500 and int(high.max()) <= 999
+    assert int(t0.min()) < 500  # the uniform draw does reach below

@@ -18,16 +18,18 @@ from prefalign.seeding import keyed_generator
 
 
 def keyed_timesteps_and_noise(
-    sample_ids: Sequence[int], *, seed: int, purpose: str, shape: tuple[int, ...], num_train_timesteps: int = 1000
+    sample_ids: Sequence[int], *, seed: int, purpose: str, shape: tuple[int, ...], num_train_timesteps: int = 1000,
+    timestep_min: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """One (t, ε) per sample, drawn from a generator keyed by the sample's global index.
 
     The same sample gets the same draw whatever the batch size, the number of processes or a resume.
+    t is uniform on ``timestep_min .. num_train_timesteps - 1``.
     """
     timesteps, noises = [], []
     for sample_id in sample_ids:
         gen = keyed_generator(seed, purpose, int(sample_id))
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=gen))
+        timesteps.append(torch.randint(timestep_min, num_train_timesteps, (1,), generator=gen))
         noises.append(torch.randn(shape, generator=gen))
     return torch.cat(timesteps), torch.stack(noises)
 

@@ -296,7 +296,8 @@ def _add(sums: dict[str, float], values: dict[str, float]) -> None:
 def _dpo_micro_errors(run: PolicyRun, scheduler, data: _PairData, ids: np.ndarray, cfg: DPOConfig, seed: int):
     """(err_w, err_l, ref_err_w, ref_err_l) of the global samples ``ids`` (keyed item, t, ε, dropout)."""
     items = torch.from_numpy(keyed_order(data.n_pairs, ids, seed=seed, purpose="dpo-order"))
-    t, noise = keyed_timesteps_and_noise(ids, seed=seed, purpose="dpo", shape=data.latent_shape)
+    t, noise = keyed_timesteps_and_noise(ids, seed=seed, purpose="dpo", shape=data.latent_shape,
+                                         timestep_min=cfg.timestep_min)
     cond_rows = drop_prompts(data.rows_c[items], ids, cfg.prompt_dropout, data.feats.empty_prompt_row, seed=seed)
     to = run.device
     latents = data.feats.latents
