@@ -99,6 +99,9 @@ class Pretrain(Section):
         "cosine", description="UNet + text encoder schedule after a 50-step warmup (diffusers get_scheduler).")
     batch_size: PositiveInt = Field(64, description="Images per optimizer step.")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Empty-caption rate (enables guidance).")
+    caption_position_rate: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of pretraining captions that keep their position phrase (web "
+        "captions rarely say where things are); the others drop it, keyed by image.")
 
 
 class DataConfig(Section):

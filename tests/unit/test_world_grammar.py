@@ -113,3 +113,24 @@ def test_corrupt_is_reproducible_and_covers_every_attribute():
 def test_corrupt_rejects_bad_n(n):
     with pytest.raises(ValueError):
         corrupt(all_attributes()[0], np.random.default_rng(0), n)
+
+
+def test_without_position_drops_only_the_position_phrase():
+    from prefalign.world.grammar import without_position
+
+    assert without_position("a small red circle at the top left on a black background") == \
+        "a small red circle on a black background"
+    with pytest.raises(ValueError):
+        without_position("a red circle")
+
+
+def test_thin_position_phrases_is_keyed_and_keeps_the_share():
+    from prefalign.training.pretrain import thin_position_phrases
+    from prefalign.world.grammar import all_attributes, prompt_of
+
+    captions = [prompt_of(a) for a in all_attributes()] * 4
+    thinned = thin_position_phrases(captions, 0.2, seed=0)
+    kept = np.mean([" at the " in c for c in thinned])
+    assert 0.15 < kept < 0.25
+    assert thinned == thin_position_phrases(captions, 0.2, seed=0)
+    assert thin_position_phrases(captions, 1.0, seed=0) == captions

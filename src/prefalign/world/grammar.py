@@ -94,6 +94,26 @@ def parse_prompt(prompt: str) -> Attributes:
     return Attributes(**values)
 
 
+def without_position(prompt: str) -> str:
+    """``prompt`` with its position phrase removed: "a small red circle on a black background".
+
+    Web captions rarely say where things are (VISOR, Gokhale et al. 2022; SPRIGHT, Chatterjee et al. 2024
+    measured spatial phrases in a few percent of LAION captions), which is why real base models place
+    objects poorly; the demo base's pretraining captions can be thinned the same way.
+
+    Args:
+        prompt: A grammar prompt.
+
+    Returns:
+        The prompt without " at the {position}".
+
+    Raises:
+        ValueError: If the prompt is not a sentence of the grammar.
+    """
+    a = parse_prompt(prompt)
+    return f"a {a.size} {a.color} {a.shape} on a {a.background} background"
+
+
 def all_attributes() -> list[Attributes]:
     """Every scene of the grammar, in a fixed order (shape slowest, background fastest).
 
