@@ -128,7 +128,14 @@ def publish_reports(reports_dir: str, decision: dict[str, Any] | None = None) ->
     """Artifacts: validation report, eval win rates, promotion decision, figures; returns the keys made."""
     reports = Path(reports_dir)
     keys = ["validation-report"] if publish_validation.fn(reports_dir) else []
-    win_rates = json.loads((reports / "eval.json").read_text())["win_rates"]
+    report = json.loads((reports / "eval.json").read_text())
+    win_rates = report["win_rates"]
+    accuracy = [{"model": name, "attribute": attr, **r} for name, values in report["models"].items()
+                for attr, r in values.get("accuracy", {}).items()]
+    if accuracy:
+        create_table_artifact(accuracy, key="eval-accuracy",
+                              description="Strict per-attribute accuracy with 95% bootstrap CI over prompts")
+        keys.append("eval-accuracy")
     create_table_artifact([{"comparison": key, "metric": m, **r, "beats": r["ci_low"] > 0.5}
                            for key, per_metric in win_rates.items() for m, r in per_metric.items()],
                           key="eval-win-rates", description="Win rates with 95% bootstrap CI (beats: ci_low > 0.5)")

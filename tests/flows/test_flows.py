@@ -26,8 +26,9 @@ UPSTREAM = {
 }
 EVAL = {
     "metric_primary": "oracle",
-    "models": {"base": {"oracle_mean": 0.50, "reward_mean": 0.1}, "dpo": {"oracle_mean": 0.58, "reward_mean": 0.2},
-               "dro": {"oracle_mean": 0.63, "reward_mean": 0.3}},
+    "models": {"base": {"oracle_mean": 0.50, "reward_mean": 0.1,
+                        "accuracy": {"position": {"mean": 0.3, "ci_low": 0.2, "ci_high": 0.4}}},
+               "dpo": {"oracle_mean": 0.58, "reward_mean": 0.2}, "dro": {"oracle_mean": 0.63, "reward_mean": 0.3}},
     "win_rates": {k: {"oracle": {"rate": r, "ci_low": r - 0.05, "ci_high": r + 0.05},
                       "reward": {"rate": r, "ci_low": r - 0.05, "ci_high": r + 0.05}}
                   for k, r in (("dpo_vs_base", 0.6), ("dro_vs_base", 0.66), ("dro_vs_dpo", 0.55))},
@@ -139,7 +140,7 @@ def test_direct_flow_runs_every_stage_registers_and_promotes(repo, monkeypatch):
     assert client.get_model_version_by_alias("prefalign-policy", "challenger").tags["method"] == "dpo"
     assert len(client.search_model_versions("name = 'prefalign-reward'")) == 1
 
-    for key in ("validation-report", "eval-win-rates", "promotion-decision", "eval-figures"):
+    for key in ("validation-report", "eval-win-rates", "eval-accuracy", "promotion-decision", "eval-figures"):
         assert Artifact.get(key) is not None, key
     assert "data:image/png;base64," in Artifact.get("eval-figures").data
     assert "PASSED" in Artifact.get("validation-report").data
