@@ -594,7 +594,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from prefalign.runtime import apply_offline_defaults
+    from prefalign.runtime import apply_offline_defaults, emit_json
 
     apply_offline_defaults()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -635,11 +635,7 @@ def main(argv: list[str] | None = None) -> None:
             "memory_isolated": not args.in_process,
             "python": platform.python_version(),
         }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(report, args.json)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from prefalign.runtime import emit_json
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,11 +138,7 @@ def main() -> None:
             log.info("kept %s", workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ so the gaps carry no label-sampling error). Prints JSON; ``--figure`` draws the 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from prefalign.config import load_config
 from prefalign.evaluation.figures import accuracy_bars
 from prefalign.evaluation.reward_ceiling import perception_ceiling
 from prefalign.models.reward_model import RewardScorer
+from prefalign.runtime import emit_json
 from prefalign.training.reward import pairwise_accuracy, score_split
 from prefalign.training.reward_stage import oracle_metrics_of_split, reward_splits
 
@@ -91,11 +91,7 @@ def main() -> None:
             "ceiling_minus_reward_model": 100 * (ceiling_expected["mean"] - model["expected_accuracy"]),
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(report, args.json)
     if args.figure:
         accuracy_bars({
             "reward model (drawn labels)": [model["pairwise_accuracy"]],

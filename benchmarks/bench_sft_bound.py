@@ -12,8 +12,6 @@ in bench_efficacy.py; this is a bound, not a control.)
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -21,26 +19,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from prefalign.config import PipelineConfig, load_config
+from prefalign.evaluation.report import sample_accuracy
+from prefalign.models.diffusion import add_lora, load_base_pipeline, make_scheduler
+from prefalign.runtime import emit_json
+from prefalign.seeding import keyed_generator
+from prefalign.training.pretrain import to_model_range
+from prefalign.world.grammar import parse_prompt
+from prefalign.world.render import render
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from prefalign.config import load_config  # noqa: E402
-from prefalign.evaluation.generate import eval_grid, generate  # noqa: E402
-from prefalign.models.diffusion import add_lora, load_base_pipeline, make_scheduler  # noqa: E402
-from prefalign.seeding import keyed_generator  # noqa: E402
-from prefalign.training.pretrain import to_model_range  # noqa: E402
-from prefalign.world.attributes import attribute_correctness  # noqa: E402
-from prefalign.world.grammar import parse_prompt  # noqa: E402
-from prefalign.world.oracle import oracle_scores  # noqa: E402
-from prefalign.world.render import render  # noqa: E402
 
 
-def held_out_accuracy(pipe, prompts: list[str], seeds: int, seed: int) -> dict[str, float]:
-    flat, image_seeds, _ = eval_grid(prompts, seeds, seed)
-    images = generate(pipe, flat, image_seeds, steps=20, guidance=3.0, resolution=16)
-    out = {k: round(float(v.mean()), 4) for k, v in attribute_correctness(flat, images).items()}
-    out["oracle_mean"] = round(float(oracle_scores(flat, images).mean()), 4)
-    return out
+def held_out_accuracy(pipe, prompts: list[str], seeds: int, cfg: PipelineConfig) -> dict[str, float]:
+    return sample_accuracy(pipe, prompts, seeds, cfg.seed, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance,
+                           resolution=cfg.model.resolution)[0]
 
 
 def main() -> None:
@@ -55,7 +48,7 @@ def main() -> None:
     pipe = load_base_pipeline(cfg.base_model_dir())
     table = pd.read_parquet(cfg.paths.resolve("world") / "prompts.parquet")
     train, test = sorted(table.prompt[table.split == "train"]), sorted(table.prompt[table.split == "test"])
-    before = held_out_accuracy(pipe, test, args.seeds, cfg.seed)
+    before = held_out_accuracy(pipe, test, args.seeds, cfg)
     pixels = to_model_range(np.stack([render(parse_prompt(p), cfg.world.image_size) for p in train]))
     tok = pipe.tokenizer
     with torch.no_grad():
@@ -89,12 +82,8 @@ def main() -> None:
     result = {"base": str(cfg.base_model_dir()), "adapter": "full UNet" if args.full else cfg.dpo.lora.model_dump(),
               "steps": cfg.dpo.steps, "batch_size": cfg.dpo.batch_size, "lr": lr, "train_prompts": len(train),
               "train_seconds": round(time.perf_counter() - start, 1), "final_loss": float(np.mean(losses[-50:])),
-              "held_out_before": before, "held_out_after": held_out_accuracy(pipe, test, args.seeds, cfg.seed)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+              "held_out_before": before, "held_out_after": held_out_accuracy(pipe, test, args.seeds, cfg)}
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

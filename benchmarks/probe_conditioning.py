@@ -14,8 +14,6 @@ For a base pipeline folder it measures, on the held-out prompts of the demo worl
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,23 +21,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from prefalign.config import PipelineConfig, load_config
+from prefalign.evaluation.generate import generate
+from prefalign.evaluation.report import sample_accuracy
+from prefalign.models.diffusion import load_policy_pipeline, make_scheduler
+from prefalign.runtime import emit_json
+from prefalign.world.attributes import attribute_correctness
+from prefalign.world.grammar import DOMAINS, POSITIONS, parse_prompt, prompt_of
+from prefalign.world.oracle import measure
+from prefalign.world.render import POSITION_XY
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from prefalign.evaluation.generate import eval_grid, generate  # noqa: E402
-from prefalign.models.diffusion import load_policy_pipeline, make_scheduler  # noqa: E402
-from prefalign.world.attributes import attribute_correctness  # noqa: E402
-from prefalign.world.grammar import DOMAINS, POSITIONS, parse_prompt, prompt_of  # noqa: E402
-from prefalign.world.oracle import measure, oracle_scores  # noqa: E402
-from prefalign.world.render import POSITION_XY  # noqa: E402
-
-
-def accuracy(pipe, prompts: list[str], seeds_per_prompt: int, seed: int) -> tuple[dict, np.ndarray, list[str]]:
-    flat, seeds, _ = eval_grid(prompts, seeds_per_prompt, seed)
-    images = generate(pipe, flat, seeds, steps=20, guidance=3.0, resolution=16)
-    acc = {k: round(float(v.mean()), 4) for k, v in attribute_correctness(flat, images).items()}
-    acc["oracle_mean"] = round(float(oracle_scores(flat, images).mean()), 4)
-    return acc, images, flat
 
 
 def position_confusion(images: np.ndarray, prompts: list[str]) -> list[list[int]]:
@@ -51,10 +43,11 @@ def position_confusion(images: np.ndarray, prompts: list[str]) -> list[list[int]
     return table.tolist()
 
 
-def position_word_swap(pipe, prompts: list[str]) -> dict[str, float]:
+def position_word_swap(pipe, prompts: list[str], cfg: PipelineConfig) -> dict[str, float]:
     variants = [prompt_of(replace(parse_prompt(p), position=pos)) for p in prompts for pos in POSITIONS]
     seeds = [1000 + i // len(POSITIONS) for i in range(len(variants))]
-    images = generate(pipe, variants, seeds, steps=20, guidance=3.0, resolution=16)
+    images = generate(pipe, variants, seeds, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance,
+                      resolution=cfg.model.resolution)
     centroids = measure(images).centroid.reshape(len(prompts), len(POSITIONS), 2)
     return {"centroid_std_px": round(float(centroids.std(1).mean() * 16), 3),
             "position_accuracy": round(float(attribute_correctness(variants, images)["position"].mean()), 4)}
@@ -89,6 +82,7 @@ def eps_sensitivity(pipe, prompts: list[str]) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="sampler settings (eval.*)")
     parser.add_argument("--base", type=Path, default=ROOT / "models/base", help="base pipeline folder")
     parser.add_argument("--policy", type=Path, default=None, help="LoRA or unet/ folder applied to the base")
     parser.add_argument("--world", type=Path, default=ROOT / "data/world", help="demo world folder (prompt splits)")
@@ -100,18 +94,16 @@ def main() -> None:
     table = pd.read_parquet(args.world / "prompts.parquet")
     prompts = sorted(table.prompt[table.split == "test"])
     pipe = load_policy_pipeline(args.base, args.policy)
-    acc, images, flat = accuracy(pipe, prompts, args.seeds, args.seed)
+    cfg = load_config(args.params)
+    acc, images, flat = sample_accuracy(pipe, prompts, args.seeds, args.seed, steps=cfg.eval.sample_steps,
+                                        guidance=cfg.eval.guidance, resolution=cfg.model.resolution)
     result = {"base": str(args.base), "policy": str(args.policy) if args.policy else None,
               "n_prompts": len(prompts), "seeds_per_prompt": args.seeds, "accuracy": acc,
               "position_confusion": {"order": list(POSITIONS), "rows_named_cols_measured":
                                      position_confusion(images, flat)},
-              "position_word_swap": position_word_swap(pipe, prompts[:20]),
+              "position_word_swap": position_word_swap(pipe, prompts[:20], cfg),
               "eps_relative_change": eps_sensitivity(pipe, prompts[:20])}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

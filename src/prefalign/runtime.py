@@ -5,8 +5,10 @@ Only entrypoints call these; importing the library changes nothing in the proces
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 
 # Every tool here phones home or tries the hub unless told not to (shared/references/ENVIRONMENT.md).
 # Note DO_NOT_TRACK must be the literal "true": MLflow ignores "1".
@@ -36,3 +38,17 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("great_expectations", "alembic", "urllib3", "mlflow", "httpx", "botocore", "diffusers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def emit_json(payload: dict, path: Path | None = None) -> str:
+    """Print ``payload`` as indented JSON (a benchmark's or probe's result) and also write it to ``path``.
+
+    Returns:
+        The JSON text.
+    """
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return text

@@ -61,6 +61,30 @@ def score_models(cfg: PipelineConfig, prompts: list[str]) -> tuple[dict[str, dic
     return scores, prompt_ids, images
 
 
+def sample_accuracy(pipe, prompts: Sequence[str], images_per_prompt: int, seed: int, *, steps: int, guidance: float,
+                    resolution: int) -> tuple[dict[str, float], np.ndarray, list[str]]:
+    """Demo world: one pipeline's strict per-attribute accuracy and oracle mean on the evaluation's seeds.
+
+    Args:
+        pipe: The pipeline to sample.
+        prompts: The prompts; each gets ``images_per_prompt`` images with ``eval_grid``'s keyed seeds.
+        images_per_prompt, seed: As in the evaluation.
+        steps, guidance, resolution: The sampler's settings.
+
+    Returns:
+        ({attribute: accuracy, ..., "oracle_mean": ...} rounded to 4 digits, the images, their prompts).
+    """
+    from prefalign.evaluation.generate import eval_grid, generate
+    from prefalign.world.attributes import attribute_correctness
+    from prefalign.world.oracle import oracle_scores
+
+    flat, seeds, _ = eval_grid(prompts, images_per_prompt, seed)
+    images = generate(pipe, flat, seeds, steps=steps, guidance=guidance, resolution=resolution)
+    out = {k: round(float(v.mean()), 4) for k, v in attribute_correctness(flat, images).items()}
+    out["oracle_mean"] = round(float(oracle_scores(flat, images).mean()), 4)
+    return out, images, flat
+
+
 def grid_prompts(test_prompts: Sequence[str], n: int, seed: int) -> list[str]:
     """The prompts of the sample grid: a fixed, spread-out choice that depends on nothing a model does.
 
