@@ -76,8 +76,8 @@ def encode_posteriors(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cfg: Pretrain, *, seed, log_metrics) -> list[float]:
     """ε-prediction MSE with caption dropout (so classifier-free guidance works).
 
-    A cosine decay reaches a lower loss than a constant rate in the same number of steps (the stage has a
-    few minutes of CPU), which is what lets the base learn colours and shapes as well as before in fewer steps.
+    ``cfg.unet_lr_schedule`` cosine (the demo's) decays the rate to zero over the run: the stage has a few
+    minutes of CPU, and a decayed rate ends at a lower loss than a constant one in the same steps.
     """
     from diffusers.optimization import get_scheduler
 

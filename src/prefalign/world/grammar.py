@@ -97,9 +97,9 @@ def parse_prompt(prompt: str) -> Attributes:
 def without_position(prompt: str) -> str:
     """``prompt`` with its position phrase removed: "a small red circle on a black background".
 
-    Web captions rarely say where things are (VISOR, Gokhale et al. 2022; SPRIGHT, Chatterjee et al. 2024
-    measured spatial phrases in a few percent of LAION captions), which is why real base models place
-    objects poorly; the demo base's pretraining captions can be thinned the same way.
+    Web captions rarely say where things are (VISOR, Gokhale et al. 2022; SPRIGHT, Chatterjee et al. 2024),
+    one reason real base models place objects poorly; the demo base's pretraining captions can be thinned
+    the same way.
 
     Args:
         prompt: A grammar prompt.
@@ -111,7 +111,7 @@ def without_position(prompt: str) -> str:
         ValueError: If the prompt is not a sentence of the grammar.
     """
     a = parse_prompt(prompt)
-    return f"a {a.size} {a.color} {a.shape} on a {a.background} background"
+    return prompt_of(a).replace(f" at the {a.position}", "")
 
 
 def all_attributes() -> list[Attributes]:
