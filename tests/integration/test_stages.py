@@ -194,3 +194,37 @@ def test_bench_reward_ceiling_reads_the_pipeline_outputs(ran, pipeline_root, tmp
     assert ceiling["seeds"] == 2 and len(ceiling["best_steps"]) == 2
     assert ceiling["expected_accuracy"]["min"] <= ceiling["expected_accuracy"]["max"] <= report["bayes_accuracy"]
     assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_efficacy_trains_every_variant_per_seed(ran, pipeline_root, tiny_overrides, tmp_path):
+    import subprocess
+    import sys
+
+    out, figure = tmp_path / "efficacy.json", tmp_path / "efficacy.png"
+    sets = [arg for k, v in tiny_overrides.items() if k.split(".")[0] in ("dpo", "dro", "eval")
+            for arg in ("-S", f"{k}={v}")]
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_efficacy.py"), "--params",
+                    str(pipeline_root / "params.yaml"), "--seeds", "0,1", "--json", str(out), "--figure", str(figure),
+                    *sets], check=True, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == {"base", "dpo", "sft_experts", "dro_base", "dro_dpo"}
+    assert set(report["models"]["dpo"]["per_seed"]) == {"0", "1"}
+    assert set(report["models"]["base"]["per_seed"]) == {"0"}  # trained by no seed: evaluated once
+    claim = report["claims"]["dro_dpo_vs_dpo"]
+    assert set(claim["oracle_win_rate"]) == {"0", "1"}
+    assert claim["holds_every_seed"] == all(r["ci_low"] > 0.5 for r in claim["oracle_win_rate"].values())
+    # Different training seeds train different models.
+    dpo = report["models"]["dpo"]["per_seed"]
+    assert dpo["0"]["oracle_mean"]["mean"] != dpo["1"]["oracle_mean"]["mean"]
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_efficacy_rejects_an_unknown_variant_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_efficacy.py"), "--variants", "dpo,ppo",
+                           "--params", str(tmp_path / "absent.yaml")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("unknown variant 'ppo' in --variants; known: "
+                                                         "base,dpo,sft_experts,dro_base,dro_dpo")

@@ -596,6 +596,65 @@ def train_dro(
     return history
 
 
+def train_sft(
+    unet, expert_shas: list[str], expert_prompts: list[str], feats: Features, cfg: DROConfig, *,
+    seed: int, log_metrics: MetricsFn | None = None, log_every: int = 10,
+) -> TrainHistory:
+    """Supervised fine-tune on DRO's expert demonstrations: the DRO paper's "w/ SFT" control.
+
+    Everything but the loss is DRO's: the adapter, learning rate, steps, batch, prompt dropout and the EMA
+    of ``cfg``; the loss is the plain denoising error ||ε_φ(x̄_t, t, c) − ē||²/D of each expert at a keyed
+    uniform t (A_φ of DRO without the reference and without the policy's own samples). A method that
+    beats this control gains from its online negatives, not from seeing the experts.
+
+    Args:
+        unet: the starting UNet (base, or base with DPO merged); it gets the adapter in place.
+        expert_shas, expert_prompts: the expert demonstrations and their prompts.
+        feats: cached latents and text embeddings.
+        cfg: the ``dro`` section.
+        seed: root of every keyed draw.
+        log_metrics: called with ``train/*`` metrics every ``log_every`` steps.
+        log_every: steps between ``log_metrics`` calls.
+
+    Returns:
+        Per-step metrics.
+    """
+    if not expert_shas:
+        raise ValueError("train_sft: no expert demonstrations")
+    run = start_policy_run(unet, cfg, seed=seed, purpose="sft", checkpoint_dir=None,
+                           data_sha=strings_sha(expert_shas, expert_prompts))
+    rows_x, rows_c = feats.latent_rows(expert_shas), feats.text_rows(expert_prompts)
+    scheduler = make_scheduler("ddpm")
+    ema = ShadowWeights(run.params) if cfg.ema_decay > 0 else None
+    _log_start(run, "SFT on experts", cfg, len(expert_shas), f", ema {cfg.ema_decay:g}")
+    history = TrainHistory()
+    for step in _progress(run, cfg.steps, "train sft"):
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            ids = run.sample_ids(step, micro, cfg, cfg.batch_size)
+            items = torch.from_numpy(keyed_order(len(rows_x), ids, seed=seed, purpose="sft-order"))
+            t, noise = keyed_timesteps_and_noise(ids, seed=seed, purpose="sft", shape=tuple(feats.latents.shape[1:]))
+            cond_rows = drop_prompts(rows_c[items], ids, cfg.prompt_dropout, feats.empty_prompt_row, seed=seed)
+            noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise.to(run.device), t.to(run.device))
+            with run.accelerator.accumulate(run.unet):
+                with run.accelerator.autocast():
+                    err, ref_err = policy_and_reference_errors(run.unet, run.model, noisy, t.to(run.device),
+                                                               feats.text[cond_rows].to(run.device), noise.to(run.device))
+                    loss = err.mean()
+                run.accelerator.backward(loss)
+                lr = run.lr_scheduler.get_last_lr()[0]
+                grad_norm = run.optimizer_step(cfg.max_grad_norm)
+            _add(sums, {"loss": loss.item(), "err_expert": float(err.mean()), "ref_err_expert": float(ref_err.mean())})
+        if ema is not None:
+            ema.ema_update(run.params, cfg.ema_decay)
+        _record(run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics,
+                log_every)
+    if ema is not None:
+        ema.copy_into(run.params)
+    run.finish()
+    return history
+
+
 def _buffer_state(buffers: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {f"buffer.{micro}.{key}": value for micro, buffer in enumerate(buffers) for key, value in buffer.items()}
 
