@@ -102,6 +102,10 @@ class Pretrain(Section):
     caption_position_rate: float = Field(
         0.2, ge=0.0, le=1.0, description="Share of pretraining captions that keep their position phrase (web "
         "captions rarely say where things are); the others drop it, keyed by image.")
+    text_encoder: Literal["joint", "frozen"] = Field(
+        "frozen", description="joint: trained with the UNet (words the UNet does not use collapse in its output); "
+        "frozen: fixed at its initialisation with unit-scale word embeddings, as SD keeps CLIP frozen, so every "
+        "word stays distinct and a fine-tune can learn to use it.")
 
 
 class DataConfig(Section):
