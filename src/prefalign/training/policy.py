@@ -634,12 +634,13 @@ def train_sft(
             ids = run.sample_ids(step, micro, cfg, cfg.batch_size)
             items = torch.from_numpy(keyed_order(len(rows_x), ids, seed=seed, purpose="sft-order"))
             t, noise = keyed_timesteps_and_noise(ids, seed=seed, purpose="sft", shape=tuple(feats.latents.shape[1:]))
+            t, noise = t.to(run.device), noise.to(run.device)
             cond_rows = drop_prompts(rows_c[items], ids, cfg.prompt_dropout, feats.empty_prompt_row, seed=seed)
-            noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise.to(run.device), t.to(run.device))
+            noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise, t)
             with run.accelerator.accumulate(run.unet):
                 with run.accelerator.autocast():
-                    err, ref_err = policy_and_reference_errors(run.unet, run.model, noisy, t.to(run.device),
-                                                               feats.text[cond_rows].to(run.device), noise.to(run.device))
+                    err, ref_err = policy_and_reference_errors(run.unet, run.model, noisy, t,
+                                                               feats.text[cond_rows].to(run.device), noise)
                     loss = err.mean()
                 run.accelerator.backward(loss)
                 lr = run.lr_scheduler.get_last_lr()[0]

@@ -86,8 +86,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cf
     ids = tokenizer(list(captions) + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     empty_id = len(captions)
     frozen_text = None
-    if cfg.text_encoder == "frozen":
-        text_encoder.requires_grad_(False).eval()
+    if not any(p.requires_grad for p in text_encoder.parameters()):  # frozen by freeze_text_encoder
         with torch.no_grad():  # a frozen encoder: every caption's hidden states once, not per step
             frozen_text = torch.cat([text_encoder(ids[i : i + 512])[0] for i in range(0, len(ids), 512)])
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if frozen_text is None else [])
@@ -144,12 +143,11 @@ def freeze_text_encoder(text_encoder, *, seed: int) -> None:
     encoder's output is dominated by the position embeddings (background words moved it 8%); at unit scale
     every word moves it 32-48%.
     """
-    from prefalign.seeding import derive_seed
+    from prefalign.seeding import keyed_generator
 
-    embedding = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        embedding.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(derive_seed(seed, "frozen-text-words")))
-    text_encoder.requires_grad_(False)
+        text_encoder.get_input_embeddings().weight.normal_(0.0, 1.0, generator=keyed_generator(seed, "frozen-text-words"))
+    text_encoder.requires_grad_(False).eval()
 
 
 def pretrain_base(
