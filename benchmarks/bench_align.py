@@ -345,8 +345,6 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from prefalign.models.presets import build_preset
-
     # diffusers and transformers import their model modules lazily, on first use: ~200 MB that would
     # otherwise land in the model's share. Import everything a step touches before the baseline.
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
@@ -356,6 +354,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     import prefalign.losses.diffusion  # noqa: F401
     import prefalign.models.diffusion  # noqa: F401
     import prefalign.training.denoise  # noqa: F401
+    from prefalign.models.presets import build_preset
 
     baseline_rss_mb = rss_mb_self()  # interpreter and every library, no model yet
     torch.set_num_threads(args.threads)

@@ -84,14 +84,14 @@ class Evaluator:
     """Every model on the evaluation's (prompt, seed) grid: oracle score and strict correctness per image."""
 
     def __init__(self, cfg) -> None:
-        from prefalign.evaluation.generate import eval_grid
+        from prefalign.models.sampling import eval_grid
         from prefalign.evaluation.report import test_prompts
 
         self.cfg = cfg
         self.flat, self.image_seeds, self.prompt_ids = eval_grid(test_prompts(cfg), cfg.eval.images_per_prompt, cfg.seed)
 
     def __call__(self, unet, desc: str) -> dict[str, Any]:
-        from prefalign.evaluation.generate import generate
+        from prefalign.models.sampling import generate
         from prefalign.models.diffusion import load_base_pipeline
         from prefalign.world.attributes import attribute_correctness
         from prefalign.world.oracle import oracle_scores
@@ -111,7 +111,7 @@ def train_variants(cfg, variants: list[str], seed: int, evaluate: Evaluator, sec
 
     from prefalign.data.prepare import drop_ties
     from prefalign.models.diffusion import load_base_unet
-    from prefalign.stages import _load_pairs
+    from prefalign.stages._policy import load_pairs
     from prefalign.training.features import load_features
     from prefalign.training.policy import merge_and_strip_lora, train_dpo, train_dro, train_sft
     from prefalign.training.reward_stage import select_experts
@@ -131,7 +131,7 @@ def train_variants(cfg, variants: list[str], seed: int, evaluate: Evaluator, sec
 
     dpo_unet = None
     if needs_dpo:
-        pairs, _ = drop_ties(_load_pairs(cfg, "train"))
+        pairs, _ = drop_ties(load_pairs(cfg, "train"))
 
         def dpo():
             unet = load_base_unet(base_dir)

@@ -21,10 +21,9 @@ import torch
 
 from prefalign.config import PipelineConfig, load_config
 from prefalign.evaluation.report import sample_accuracy
-from prefalign.models.diffusion import add_lora, load_base_pipeline, make_scheduler
+from prefalign.models.diffusion import add_lora, load_base_pipeline, make_scheduler, to_model_range
 from prefalign.runtime import emit_json
 from prefalign.seeding import keyed_generator
-from prefalign.training.pretrain import to_model_range
 from prefalign.world.grammar import parse_prompt
 from prefalign.world.render import render
 

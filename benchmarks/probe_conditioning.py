@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from prefalign.config import PipelineConfig, load_config
-from prefalign.evaluation.generate import generate
+from prefalign.models.sampling import generate
 from prefalign.evaluation.report import sample_accuracy
 from prefalign.models.diffusion import load_policy_pipeline, make_scheduler
 from prefalign.runtime import emit_json

@@ -24,7 +24,7 @@ TEXT_TOKENS = 8
 
 def synthetic_features(n_images: int, n_prompts: int, text_hidden: int, seed: int):
     """Random latents and text embeddings in the trainer's ``Features`` layout (last text row: empty prompt)."""
-    from prefalign.training.policy import Features
+    from prefalign.training.features import Features
 
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(n_images, 4, LATENT_SIZE, LATENT_SIZE, generator=gen)

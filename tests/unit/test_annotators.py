@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from prefalign.world import annotators
-from prefalign.world.annotators import annotate, bayes_accuracy, expected_accuracy, preference_probability, pseudonymise
+from prefalign.world.annotators import (
+    annotate,
+    bayes_accuracy,
+    expected_accuracy,
+    preference_probability,
+    pseudonymise,
+)
 
 
 def test_preference_probability_values_and_symmetry():

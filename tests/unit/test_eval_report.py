@@ -9,7 +9,7 @@ import pytest
 import prefalign.evaluation.report as report
 from prefalign.config import PipelineConfig
 from prefalign.data.prepare import assign_split
-from prefalign.evaluation.generate import eval_grid
+from prefalign.models.sampling import eval_grid
 from prefalign.evaluation.report import check_grid, grid_prompts, summarize
 from prefalign.seeding import numpy_rng
 from prefalign.world.attributes import ATTRIBUTES, attribute_correctness

@@ -25,7 +25,7 @@ EPOCH = pd.Timestamp("2026-01-01T00:00:00Z")
 
 def _pool_images(cfg: PipelineConfig, prompts: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str]]:
     """(prompt of each image, uint8 images, model name of each image) for the whole pool."""
-    from prefalign.evaluation.generate import generate
+    from prefalign.models.sampling import generate
     from prefalign.models.diffusion import load_base_pipeline
     from prefalign.seeding import derive_seed, numpy_rng
     from prefalign.world.grammar import corrupt, parse_prompt

@@ -1,9 +1,5 @@
 """Evaluation: win rates and bootstrap intervals (``metrics``), figures (``figures``, matplotlib imported
-lazily), generation on fixed seeds (``generate``) and the report (``report``).
+lazily) and the report (``report``); the sampler is ``prefalign.models.sampling``.
 
-Only the numpy-only metrics are exported here, so importing the package stays cheap (no torch, no matplotlib).
+Nothing is re-exported, so importing one module runs that module only (see ``prefalign.world``).
 """
-
-from prefalign.evaluation.metrics import beats, mean_ci, win_rate
-
-__all__ = ["beats", "mean_ci", "win_rate"]

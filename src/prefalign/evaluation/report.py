@@ -41,7 +41,7 @@ def policy_dirs(cfg: PipelineConfig) -> dict[str, Path | None]:
 
 def score_models(cfg: PipelineConfig, prompts: list[str]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, dict]:
     """Generate with every model on the same (prompt, seed) grid; oracle (demo) and reward scores."""
-    from prefalign.evaluation.generate import eval_grid, generate
+    from prefalign.models.sampling import eval_grid, generate
     from prefalign.models.diffusion import load_policy_pipeline
     from prefalign.models.reward_model import RewardScorer
 
@@ -74,7 +74,7 @@ def sample_accuracy(pipe, prompts: Sequence[str], images_per_prompt: int, seed: 
     Returns:
         ({attribute: accuracy, ..., "oracle_mean": ...} rounded to 4 digits, the images, their prompts).
     """
-    from prefalign.evaluation.generate import eval_grid, generate
+    from prefalign.models.sampling import eval_grid, generate
     from prefalign.world.attributes import attribute_correctness
     from prefalign.world.oracle import oracle_scores
 
@@ -243,7 +243,7 @@ def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]
             any image is generated).
     """
     from prefalign.evaluation.figures import accuracy_grouped_bars, win_rate_bars
-    from prefalign.evaluation.generate import eval_grid
+    from prefalign.models.sampling import eval_grid
 
     prompts = test_prompts(cfg)
     chosen = check_grid(cfg, prompts)

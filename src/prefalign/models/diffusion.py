@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from prefalign.config import LoraConfig, ModelConfig
@@ -34,6 +35,11 @@ SCHEDULER_KWARGS = {
     "prediction_type": "epsilon",
     "steps_offset": 1,
 }
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as the SD VAE expects."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def build_tiny_vae(cfg: ModelConfig) -> AutoencoderKL:

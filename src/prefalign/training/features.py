@@ -9,6 +9,7 @@ and "right" are part of the prompt (``featurize.flip`` caches flipped latents fo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +18,24 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from prefalign.config import Featurize
-from prefalign.training.policy import Features
+
+
+@dataclass
+class Features:
+    """Cached VAE latents (scaled) and text embeddings, looked up by image sha and prompt."""
+
+    latents: torch.Tensor
+    image_rows: dict[str, int]
+    text: torch.Tensor
+    prompt_rows: dict[str, int]
+    empty_prompt_row: int
+
+    def latent_rows(self, shas) -> torch.Tensor:
+        return torch.tensor([self.image_rows[s] for s in shas], dtype=torch.long)
+
+    def text_rows(self, prompts) -> torch.Tensor:
+        return torch.tensor([self.prompt_rows[p] for p in prompts], dtype=torch.long)
+
 
 LATENTS_FILE, TEXT_FILE, INDEX_FILE = "latents.safetensors", "text.safetensors", "index.json"
 
@@ -61,8 +79,7 @@ def compute_features(base_dir: Path, prefs_dir: Path, out: Path, cfg: Featurize)
     import numpy as np
 
     from prefalign.data.schema import ImageStore
-    from prefalign.models.diffusion import load_base_pipeline
-    from prefalign.training.pretrain import to_model_range
+    from prefalign.models.diffusion import load_base_pipeline, to_model_range
 
     pipe = load_base_pipeline(base_dir)
     shas, prompts = referenced_images_and_prompts(prefs_dir)

@@ -56,25 +56,10 @@ from prefalign.training.weights import ShadowWeights
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+from prefalign.training.features import Features
+
 log = logging.getLogger(__name__)
 MetricsFn = Callable[[dict[str, float], int], None]
-
-
-@dataclass
-class Features:
-    """Cached VAE latents (scaled) and text embeddings, looked up by image sha and prompt."""
-
-    latents: torch.Tensor
-    image_rows: dict[str, int]
-    text: torch.Tensor
-    prompt_rows: dict[str, int]
-    empty_prompt_row: int
-
-    def latent_rows(self, shas) -> torch.Tensor:
-        return torch.tensor([self.image_rows[s] for s in shas], dtype=torch.long)
-
-    def text_rows(self, prompts) -> torch.Tensor:
-        return torch.tensor([self.prompt_rows[p] for p in prompts], dtype=torch.long)
 
 
 @dataclass

@@ -21,16 +21,6 @@ log = logging.getLogger(__name__)
 MetricsFn = Callable[[dict[str, float], int], None]
 
 
-def to_model_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as the SD VAE expects."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    return images.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 @dataclass
 class PretrainResult:
     pipeline: object
@@ -160,7 +150,7 @@ def pretrain_base(
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words)
     vae = diffusion.build_tiny_vae(model_cfg)
-    pixels = to_model_range(images)
+    pixels = diffusion.to_model_range(images)
     vae_history = train_vae(vae, pixels, cfg, seed=seed, log_metrics=log_metrics)
     latents, latent_stds = encode_posteriors(vae, pixels)
     unet = diffusion.build_tiny_unet(model_cfg, latent_size=latents.shape[-1])

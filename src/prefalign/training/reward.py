@@ -34,9 +34,9 @@ from prefalign.config import RewardConfig
 from prefalign.data.prepare import mirror_prompt
 from prefalign.losses.reward import bradley_terry_loss, clip_contrastive_loss, plackett_luce_loss
 from prefalign.models.reward_model import MAX_LOGIT_SCALE, RewardScorer, resize_image
+from prefalign.seeding import derive_seed
 from prefalign.training.checkpoints import META_FILE, complete_checkpoints, publish_checkpoint
 from prefalign.training.weights import ShadowWeights
-from prefalign.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 MetricsFn = Callable[[dict[str, float], int], None]

@@ -1,0 +1,127 @@
+"""dvc.yaml lists every source file whose change can change a stage's outputs.
+
+Each stage is the module ``prefalign.stages.<stage>``, imported only when that stage runs, so the code a
+stage can execute is the import closure of that module. The closure is read from the source (every
+``import`` anywhere in a file counts, lazy ones included, since they run when the stage calls them;
+``if TYPE_CHECKING:`` blocks do not run and do not count), with each imported module's parent packages,
+whose ``__init__`` runs first. A stage's ``dvc.yaml`` deps must cover each file of it, by the file itself
+or by a folder above it. ``tracking`` and ``versioning`` are in the closure and stay deps: they write the
+stage's ``run.json``, which is part of its DVC output.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src"
+
+
+def _module_file(name: str, src: Path) -> Path | None:
+    base = src.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _module_name(path: Path, src: Path) -> str:
+    parts = path.relative_to(src).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imported_modules(path: Path, src: Path) -> set[str]:
+    """Every prefalign module an ``import`` in ``path`` can load (``from a import b``: ``a.b`` if a module)."""
+    name = _module_name(path, src)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return {name for name in found if name.split(".")[0] == "prefalign"}
+
+
+def import_closure(module: str, src: Path = SRC) -> set[Path]:
+    """Source files that importing ``module`` and calling anything in it can execute."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):  # parent packages' __init__ run first
+            path = _module_file(".".join(parts[:k]), src)
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo.extend(_imported_modules(path, src))
+    return seen
+
+
+def _covered(path: Path, deps: list[str]) -> bool:
+    rel = path.relative_to(ROOT)
+    return any(rel == Path(dep) or Path(dep) in rel.parents for dep in deps)
+
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_dvc_deps_cover_the_stage_code(stage):
+    deps = [str(d) for d in STAGES[stage].get("deps", [])]
+    closure = import_closure(f"prefalign.stages.{stage}")
+    assert SRC / "prefalign" / "stages" / f"{stage}.py" in closure
+    missing = sorted(str(p.relative_to(ROOT)) for p in closure if not _covered(p, deps))
+    assert not missing, f"dvc.yaml stage {stage!r} misses deps on: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_dvc_source_deps_are_stage_code(stage):
+    """A source dep that is missing or outside the closure reruns the stage for nothing (or never matches)."""
+    closure = import_closure(f"prefalign.stages.{stage}")
+    extra = [d for d in STAGES[stage].get("deps", []) if str(d).startswith("src/")
+             and not any(_covered(p, [str(d)]) for p in closure)]
+    assert not extra, f"dvc.yaml stage {stage!r} depends on source it never runs (or that does not exist): {extra}"
+
+
+def test_closure_follows_lazy_and_relative_imports(tmp_path):
+    """The reader itself: a lazy import inside a function counts, a TYPE_CHECKING one does not."""
+    pkg = tmp_path / "prefalign"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from prefalign import hidden\n"
+        "def f():\n    from . import b\n    from prefalign.c import thing\n")
+    for name in ("b", "hidden"):
+        (pkg / "sub" / f"{name}.py").write_text("")
+    (pkg / "hidden.py").write_text("")
+    (pkg / "c.py").write_text("thing = 1\n")
+    names = {str(p.relative_to(tmp_path)) for p in import_closure("prefalign.sub.a", src=tmp_path)}
+    assert names == {"prefalign/__init__.py", "prefalign/sub/__init__.py", "prefalign/sub/a.py",
+                     "prefalign/sub/b.py", "prefalign/c.py"}
