@@ -19,7 +19,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export AWS_EC2_METADATA_DISABLED ?= true
 
-.PHONY: install run test test-fast repro ui-mlflow ui-prefect clean-outputs
+.PHONY: install run lint test test-fast repro ui-mlflow ui-prefect clean-outputs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ install: $(STAMP)
 run: install  ## the whole pipeline on the demo world (Prefect flow, every stage through dvc repro)
 	$(VENV)/bin/prefalign run
 
-test: install  ## the whole test suite (CPU, offline)
+lint: install  ## ruff (lint + format check) and mypy on src/prefalign; the versions are pinned in pyproject
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint  ## lint, then the whole test suite (CPU, offline)
 	$(PY) -m pytest -q
 
 test-fast: install  ## unit tests only

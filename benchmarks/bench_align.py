@@ -351,8 +351,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig  # noqa: F401
     from transformers import CLIPTextModel  # noqa: F401
 
-    import prefalign.losses.diffusion  # noqa: F401
-    import prefalign.models.diffusion  # noqa: F401
+    import prefalign.losses.diffusion
+    import prefalign.models.diffusion
     import prefalign.training.denoise  # noqa: F401
     from prefalign.models.presets import build_preset
 
@@ -384,8 +384,13 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         step = build_step(args.variant, models, pairs)
     del models  # the step holds what its structure keeps; `ours` lets the VAE and text encoder go
     trainable = sum(p.numel() for p in step.trainable)
-    log.info("%s %s built and set up in %.1f s; %d trainable parameters", tag, args.preset,
-             time.perf_counter() - started, trainable)
+    log.info(
+        "%s %s built and set up in %.1f s; %d trainable parameters",
+        tag,
+        args.preset,
+        time.perf_counter() - started,
+        trainable,
+    )
 
     flops = None
     for warm in range(args.warmup):
@@ -396,8 +401,14 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             with autocast():
                 step()
         synchronize()
-        log.info("%s warm-up %d/%d: %.2f s%s", tag, warm + 1, args.warmup, time.perf_counter() - tick,
-                 " (counting FLOPs)" if warm == 0 and flops else "")
+        log.info(
+            "%s warm-up %d/%d: %.2f s%s",
+            tag,
+            warm + 1,
+            args.warmup,
+            time.perf_counter() - tick,
+            " (counting FLOPs)" if warm == 0 and flops else "",
+        )
 
     step_seconds = []
     for index in range(args.steps):
@@ -442,10 +453,28 @@ def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_align_") as folder:
         result_file = Path(folder) / "result.json"
         command = [
-            sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--result-file", str(result_file),
-            "--preset", args.preset, "--steps", str(args.steps), "--batch", str(args.batch), "--dtype", args.dtype,
-            "--threads", str(args.threads), "--warmup", str(args.warmup), "--seed", str(args.seed),
-            "--device", args.device,
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--variant",
+            variant,
+            "--result-file",
+            str(result_file),
+            "--preset",
+            args.preset,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--dtype",
+            args.dtype,
+            "--threads",
+            str(args.threads),
+            "--warmup",
+            str(args.warmup),
+            "--seed",
+            str(args.seed),
+            "--device",
+            args.device,
         ] + (["--no-flops"] if args.no_flops else [])
         # Same thread count for every library in every child, whatever the parent's environment says.
         threads = str(args.threads)
@@ -565,23 +594,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="Timed training steps per variant.")
     parser.add_argument("--batch", type=int, default=4, help="Preference pairs per step.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (the first one counts FLOPs).")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="fp32, or bf16 autocast over float32 weights (meant for CUDA).")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch.set_num_threads in every variant (default: the CPUs this process may use). "
-                             "On a CPU shared with other jobs use 1: OpenMP threads competing for busy cores made "
-                             "sd-mini steps 5-17x slower and erratic in our runs.")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32, or bf16 autocast over float32 weights (meant for CUDA).",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch.set_num_threads in every variant (default: the CPUs this process may use). "
+        "On a CPU shared with other jobs use 1: OpenMP threads competing for busy cores made "
+        "sd-mini steps 5-17x slower and erratic in our runs.",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N].")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="Rounds over all variants (round-robin, one subprocess each); time is the median.")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Rounds over all variants (round-robin, one subprocess each); time is the median.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of weights, images, timesteps and noise.")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="Which to run.")
     parser.add_argument("--no-flops", action="store_true", help="Skip the FLOP count (saves one step of time).")
-    parser.add_argument("--flops-only", action="store_true",
-                        help="Only count FLOPs per pair, on the meta device (no weights; works for sd15-random).")
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="Only count FLOPs per pair, on the meta device (no weights; works for sd15-random).",
+    )
     parser.add_argument("--json", type=Path, help="Also write the result JSON here.")
-    parser.add_argument("--in-process", action="store_true",
-                        help="Run the variants in this process (tests: fast, but peak memory is not per variant).")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="Run the variants in this process (tests: fast, but peak memory is not per variant).",
+    )
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one, in this process
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -609,9 +656,19 @@ def main(argv: list[str] | None = None) -> None:
         # Round-robin over the variants, so that a change in the machine's load hits all of them alike.
         for repeat in range(args.repeats):
             for variant in args.variants:
-                log.info("variant %s (round %d/%d): starting (%s, batch %d, %d+%d steps, %s, %d threads, "
-                         "load avg %.2f)", variant, repeat + 1, args.repeats, args.preset, args.batch, args.warmup,
-                         args.steps, args.dtype, args.threads, os.getloadavg()[0])
+                log.info(
+                    "variant %s (round %d/%d): starting (%s, batch %d, %d+%d steps, %s, %d threads, load avg %.2f)",
+                    variant,
+                    repeat + 1,
+                    args.repeats,
+                    args.preset,
+                    args.batch,
+                    args.warmup,
+                    args.steps,
+                    args.dtype,
+                    args.threads,
+                    os.getloadavg()[0],
+                )
                 run = run_here(variant, args) if args.in_process else run_child(variant, args)
                 runs[variant].append(run)
                 log.info("variant %s: %.4f s/pair, peak %.0f MB", variant, run["sec_per_pair"], run["peak_mem_mb"])
@@ -627,8 +684,12 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
             "dtype": args.dtype,
             "threads": args.threads,
-            "lora": {"rank": LORA_RANK, "alpha": float(LORA_RANK), "targets": list(LORA_TARGETS),
-                     "variants": ["ours", "diffusers_lora"]},
+            "lora": {
+                "rank": LORA_RANK,
+                "alpha": float(LORA_RANK),
+                "targets": list(LORA_TARGETS),
+                "variants": ["ours", "diffusers_lora"],
+            },
             "ratios": ratios,
             "targets": {"bounds": TARGETS, "met": targets_met(ratios)},
             "memory_isolated": not args.in_process,

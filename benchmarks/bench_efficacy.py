@@ -33,17 +33,33 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("base", "dpo", "sft_experts", "dro_base", "dro_dpo")
 # (a, b): "a beats b" is a claim tested on every training seed, a and b trained with the same seed.
-CLAIMS = (("dpo", "base"), ("sft_experts", "base"), ("dro_base", "base"), ("dro_dpo", "base"),
-          ("dro_dpo", "dpo"), ("dro_dpo", "sft_experts"), ("dro_base", "sft_experts"), ("dro_dpo", "dro_base"))
+CLAIMS = (
+    ("dpo", "base"),
+    ("sft_experts", "base"),
+    ("dro_base", "base"),
+    ("dro_dpo", "base"),
+    ("dro_dpo", "dpo"),
+    ("dro_dpo", "sft_experts"),
+    ("dro_base", "sft_experts"),
+    ("dro_dpo", "dro_base"),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml value for this run, as `prefalign stage -S`")
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml value for this run, as `prefalign stage -S`",
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     parser.add_argument("--figure", type=Path, help="draw oracle means and accuracies into this PNG")
     args = parser.parse_args(argv)
@@ -68,11 +84,13 @@ def fail(message: str) -> None:
 
 def check_inputs(cfg) -> None:
     """Fail before any training when an input of the pipeline is missing, naming it."""
-    needed = {"base model": cfg.base_model_dir() / "model_index.json",
-              "features": cfg.paths.resolve("features"),
-              "preference pairs": cfg.paths.resolve("preferences") / "pairs.parquet",
-              "reward model": cfg.paths.resolve("reward"),
-              "world prompts": cfg.paths.resolve("world") / "prompts.parquet"}
+    needed = {
+        "base model": cfg.base_model_dir() / "model_index.json",
+        "features": cfg.paths.resolve("features"),
+        "preference pairs": cfg.paths.resolve("preferences") / "pairs.parquet",
+        "reward model": cfg.paths.resolve("reward"),
+        "world prompts": cfg.paths.resolve("world") / "prompts.parquet",
+    }
     missing = [f"{name} ({path})" for name, path in needed.items() if not path.exists()]
     if missing:
         fail(f"run the pipeline first; missing {', '.join(missing)}")
@@ -84,25 +102,36 @@ class Evaluator:
     """Every model on the evaluation's (prompt, seed) grid: oracle score and strict correctness per image."""
 
     def __init__(self, cfg) -> None:
-        from prefalign.models.sampling import eval_grid
         from prefalign.evaluation.report import test_prompts
+        from prefalign.models.sampling import eval_grid
 
         self.cfg = cfg
-        self.flat, self.image_seeds, self.prompt_ids = eval_grid(test_prompts(cfg), cfg.eval.images_per_prompt, cfg.seed)
+        self.flat, self.image_seeds, self.prompt_ids = eval_grid(
+            test_prompts(cfg), cfg.eval.images_per_prompt, cfg.seed
+        )
 
     def __call__(self, unet, desc: str) -> dict[str, Any]:
-        from prefalign.models.sampling import generate
         from prefalign.models.diffusion import load_base_pipeline
+        from prefalign.models.sampling import generate
         from prefalign.world.attributes import attribute_correctness
         from prefalign.world.oracle import oracle_scores
 
         pipe = load_base_pipeline(self.cfg.base_model_dir())
         if unet is not None:
             pipe.unet = unet
-        images = generate(pipe, self.flat, self.image_seeds, steps=self.cfg.eval.sample_steps,
-                          guidance=self.cfg.eval.guidance, resolution=self.cfg.model.resolution, desc=desc)
-        return {"oracle": oracle_scores(self.flat, images),
-                "correct": attribute_correctness(self.flat, images, image_size=self.cfg.model.resolution)}
+        images = generate(
+            pipe,
+            self.flat,
+            self.image_seeds,
+            steps=self.cfg.eval.sample_steps,
+            guidance=self.cfg.eval.guidance,
+            resolution=self.cfg.model.resolution,
+            desc=desc,
+        )
+        return {
+            "oracle": oracle_scores(self.flat, images),
+            "correct": attribute_correctness(self.flat, images, image_size=self.cfg.model.resolution),
+        }
 
 
 def train_variants(cfg, variants: list[str], seed: int, evaluate: Evaluator, seconds: dict) -> dict[str, Any]:
@@ -120,7 +149,9 @@ def train_variants(cfg, variants: list[str], seed: int, evaluate: Evaluator, sec
     experts = select_experts(cfg)
     shas, prompts = experts.image.tolist(), experts.prompt.tolist()
     out: dict[str, Any] = {}
-    needs_dpo = "dpo" in variants or "dro_dpo" in variants or ("sft_experts" in variants and cfg.dro.init_from == "dpo")
+    needs_dpo = (
+        "dpo" in variants or "dro_dpo" in variants or ("sft_experts" in variants and cfg.dro.init_from == "dpo")
+    )
 
     def timed(name: str, train) -> torch.nn.Module:
         start = time.perf_counter()
@@ -135,16 +166,20 @@ def train_variants(cfg, variants: list[str], seed: int, evaluate: Evaluator, sec
 
         def dpo():
             unet = load_base_unet(base_dir)
-            train_dpo(unet, pairs.image_w.tolist(), pairs.image_l.tolist(), pairs.prompt.tolist(), feats, cfg.dpo,
-                      seed=seed)
+            train_dpo(
+                unet, pairs.image_w.tolist(), pairs.image_l.tolist(), pairs.prompt.tolist(), feats, cfg.dpo, seed=seed
+            )
             return unet
 
         dpo_unet = timed("dpo", dpo)
         if "dpo" in variants:
             out["dpo"] = evaluate(dpo_unet, f"evaluate dpo seed {seed}")
     start_of = {"dpo": lambda: copy.deepcopy(dpo_unet), "base": lambda: load_base_unet(base_dir)}
-    recipes = {"sft_experts": (train_sft, cfg.dro.init_from), "dro_base": (train_dro, "base"),
-               "dro_dpo": (train_dro, "dpo")}
+    recipes = {
+        "sft_experts": (train_sft, cfg.dro.init_from),
+        "dro_base": (train_dro, "base"),
+        "dro_dpo": (train_dro, "dpo"),
+    }
     for name, (trainer, init) in recipes.items():
         if name not in variants:
             continue
@@ -165,18 +200,31 @@ def summarize(results: dict[str, dict[int, dict]], prompt_ids: np.ndarray, cfg) 
     boot = {"n_boot": cfg.eval.bootstrap, "seed": cfg.seed}
     models: dict[str, Any] = {}
     for name, by_seed in results.items():
-        per_seed = {str(s): {"oracle_mean": mean_ci(r["oracle"], prompt_ids, **boot),
-                             "accuracy": {k: round(float(np.mean(v)), 4) for k, v in r["correct"].items()}}
-                    for s, r in by_seed.items()}
+        per_seed = {
+            str(s): {
+                "oracle_mean": mean_ci(r["oracle"], prompt_ids, **boot),
+                "accuracy": {k: round(float(np.mean(v)), 4) for k, v in r["correct"].items()},
+            }
+            for s, r in by_seed.items()
+        }
         means = np.array([p["oracle_mean"]["mean"] for p in per_seed.values()])
         attrs = next(iter(per_seed.values()))["accuracy"]
         models[name] = {
             "per_seed": per_seed,
-            "oracle_mean": {"mean": float(means.mean()), "std_over_seeds": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
-                            "min": float(means.min()), "max": float(means.max())},
-            "accuracy": {k: {"mean": float(np.mean([p["accuracy"][k] for p in per_seed.values()])),
-                             "min": float(np.min([p["accuracy"][k] for p in per_seed.values()])),
-                             "max": float(np.max([p["accuracy"][k] for p in per_seed.values()]))} for k in attrs},
+            "oracle_mean": {
+                "mean": float(means.mean()),
+                "std_over_seeds": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
+                "min": float(means.min()),
+                "max": float(means.max()),
+            },
+            "accuracy": {
+                k: {
+                    "mean": float(np.mean([p["accuracy"][k] for p in per_seed.values()])),
+                    "min": float(np.min([p["accuracy"][k] for p in per_seed.values()])),
+                    "max": float(np.max([p["accuracy"][k] for p in per_seed.values()])),
+                }
+                for k in attrs
+            },
         }
     claims: dict[str, Any] = {}
     for a, b in CLAIMS:
@@ -186,8 +234,14 @@ def summarize(results: dict[str, dict[int, dict]], prompt_ids: np.ndarray, cfg) 
         # The base has one evaluation; a trained model is paired with the b of its own training seed.
         other = {s: results[b][s if b != "base" else next(iter(results[b]))] for s in seeds}
         per_seed = {str(s): win_rate(results[a][s]["oracle"], other[s]["oracle"], prompt_ids, **boot) for s in seeds}
-        position = {str(s): mean_ci(results[a][s]["correct"]["position"].astype(np.float64)
-                                    - other[s]["correct"]["position"], prompt_ids, **boot) for s in seeds}
+        position = {
+            str(s): mean_ci(
+                results[a][s]["correct"]["position"].astype(np.float64) - other[s]["correct"]["position"],
+                prompt_ids,
+                **boot,
+            )
+            for s in seeds
+        }
         claims[f"{a}_vs_{b}"] = {
             "oracle_win_rate": per_seed,
             "position_delta": position,
@@ -221,9 +275,18 @@ def draw(summary: dict[str, Any], path: Path, title: str) -> Path:
     for i, name in enumerate(names):
         acc = summary["models"][name]["accuracy"]
         means = np.array([acc[a]["mean"] for a in attrs])
-        err = np.array([[acc[a]["mean"] - acc[a]["min"] for a in attrs], [acc[a]["max"] - acc[a]["mean"] for a in attrs]])
-        right.bar(np.arange(len(attrs)) + (i - (len(names) - 1) / 2) * width, means, width, yerr=err, capsize=2,
-                  color=f"C{i}", label=name)
+        err = np.array(
+            [[acc[a]["mean"] - acc[a]["min"] for a in attrs], [acc[a]["max"] - acc[a]["mean"] for a in attrs]]
+        )
+        right.bar(
+            np.arange(len(attrs)) + (i - (len(names) - 1) / 2) * width,
+            means,
+            width,
+            yerr=err,
+            capsize=2,
+            color=f"C{i}",
+            label=name,
+        )
     right.set_xticks(range(len(attrs)), attrs)
     right.set_ylim(0, 1.05)
     right.set_ylabel("strict accuracy (bars: min-max over seeds)")
@@ -256,19 +319,34 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(results, evaluate.prompt_ids, cfg)
     payload = {
         "training_seeds": args.seeds,
-        "evaluation": {"prompts": int(evaluate.prompt_ids.max() + 1), "images_per_prompt": cfg.eval.images_per_prompt,
-                       "sample_steps": cfg.eval.sample_steps, "guidance": cfg.eval.guidance},
-        "budgets": {"dpo": {"steps": cfg.dpo.steps, "batch_size": cfg.dpo.batch_size, "lr": cfg.dpo.lr, "beta": cfg.dpo.beta},
-                    "dro": {"steps": cfg.dro.steps, "batch_size": cfg.dro.batch_size, "lr": cfg.dro.lr,
-                            "top_k": cfg.dro.top_k, "per_prompt_cap": cfg.dro.per_prompt_cap},
-                    "sft_experts": {"init_from": cfg.dro.init_from, "same_as": "dro"}},
+        "evaluation": {
+            "prompts": int(evaluate.prompt_ids.max() + 1),
+            "images_per_prompt": cfg.eval.images_per_prompt,
+            "sample_steps": cfg.eval.sample_steps,
+            "guidance": cfg.eval.guidance,
+        },
+        "budgets": {
+            "dpo": {"steps": cfg.dpo.steps, "batch_size": cfg.dpo.batch_size, "lr": cfg.dpo.lr, "beta": cfg.dpo.beta},
+            "dro": {
+                "steps": cfg.dro.steps,
+                "batch_size": cfg.dro.batch_size,
+                "lr": cfg.dro.lr,
+                "top_k": cfg.dro.top_k,
+                "per_prompt_cap": cfg.dro.per_prompt_cap,
+            },
+            "sft_experts": {"init_from": cfg.dro.init_from, "same_as": "dro"},
+        },
         **summary,
         "train_seconds": seconds,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
     if args.figure:
-        draw(summary, args.figure, f"demo world, {len(args.seeds)} training seeds, "
-             f"{payload['evaluation']['prompts']} held-out prompts x {cfg.eval.images_per_prompt} images")
+        draw(
+            summary,
+            args.figure,
+            f"demo world, {len(args.seeds)} training seeds, "
+            f"{payload['evaluation']['prompts']} held-out prompts x {cfg.eval.images_per_prompt} images",
+        )
     emit_json(payload, args.json)
 
 

@@ -62,15 +62,28 @@ def shard_table(first_pair: int, n_pairs: int, side: int) -> pa.Table:
     for pair in range(first_pair, first_pair + n_pairs):
         tie = pair % TIE_EVERY == 0
         label_0 = 0.5 if tie else float(pair % 2)
-        rows.append({
-            "are_different": True, "best_image_uid": None if tie else f"img-{2 * pair + (1 - int(label_0))}",
-            "caption": f"synthetic prompt {pair // 3}: a {('red', 'green', 'blue')[pair % 3]} thing",
-            "created_at": start + timedelta(seconds=pair), "has_label": True,
-            "image_0_uid": f"img-{2 * pair}", "image_0_url": "", "image_1_uid": f"img-{2 * pair + 1}",
-            "image_1_url": "", "jpg_0": synthetic_jpeg(2 * pair, side), "jpg_1": synthetic_jpeg(2 * pair + 1, side),
-            "label_0": label_0, "label_1": 1.0 - label_0, "model_0": "model-a", "model_1": "model-b",
-            "ranking_id": pair, "user_id": 1000 + pair % 97, "num_example_per_prompt": 1,
-        })
+        rows.append(
+            {
+                "are_different": True,
+                "best_image_uid": None if tie else f"img-{2 * pair + (1 - int(label_0))}",
+                "caption": f"synthetic prompt {pair // 3}: a {('red', 'green', 'blue')[pair % 3]} thing",
+                "created_at": start + timedelta(seconds=pair),
+                "has_label": True,
+                "image_0_uid": f"img-{2 * pair}",
+                "image_0_url": "",
+                "image_1_uid": f"img-{2 * pair + 1}",
+                "image_1_url": "",
+                "jpg_0": synthetic_jpeg(2 * pair, side),
+                "jpg_1": synthetic_jpeg(2 * pair + 1, side),
+                "label_0": label_0,
+                "label_1": 1.0 - label_0,
+                "model_0": "model-a",
+                "model_1": "model-b",
+                "ranking_id": pair,
+                "user_id": 1000 + pair % 97,
+                "num_example_per_prompt": 1,
+            }
+        )
     return pa.Table.from_pylist(rows)
 
 
@@ -80,16 +93,30 @@ def write_dataset(folder: Path, n_pairs: int, side: int) -> int:
     total = 0
     for shard, first in enumerate(range(0, n_pairs, ROWS_PER_SHARD)):
         path = folder / f"train-{shard:05d}.parquet"
-        pq.write_table(shard_table(first, min(ROWS_PER_SHARD, n_pairs - first), side), path,
-                       row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(
+            shard_table(first, min(ROWS_PER_SHARD, n_pairs - first), side), path, row_group_size=ROW_GROUP_ROWS
+        )
         total += path.stat().st_size
     return total
 
 
 def run_import(shards: Path, output: Path, params: Path) -> tuple[dict, float]:
     """Run the import command in a child process; its JSON summary and wall seconds."""
-    command = [sys.executable, "-m", "prefalign.cli", "data", "import", "--format", "pickapic",
-               "--input", str(shards), "--output", str(output), "--params", str(params)]
+    command = [
+        sys.executable,
+        "-m",
+        "prefalign.cli",
+        "data",
+        "import",
+        "--format",
+        "pickapic",
+        "--input",
+        str(shards),
+        "--output",
+        str(output),
+        "--params",
+        str(params),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.setdefault("PREFALIGN_ANNOTATOR_KEY", "benchmark-key")
     started = time.perf_counter()
@@ -115,8 +142,13 @@ def main() -> None:
     try:
         started = time.perf_counter()
         input_bytes = write_dataset(workdir / "shards", args.pairs, args.image_side)
-        log.info("wrote %d pairs in %d shard(s), %.1f MB, in %.1f s", args.pairs,
-                 math.ceil(args.pairs / ROWS_PER_SHARD), input_bytes / 1e6, time.perf_counter() - started)
+        log.info(
+            "wrote %d pairs in %d shard(s), %.1f MB, in %.1f s",
+            args.pairs,
+            math.ceil(args.pairs / ROWS_PER_SHARD),
+            input_bytes / 1e6,
+            time.perf_counter() - started,
+        )
         summary, seconds = run_import(workdir / "shards", workdir / "out", args.params)
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
         result = {

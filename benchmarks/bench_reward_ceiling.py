@@ -61,7 +61,9 @@ def main() -> None:
 
     ceilings, start = [], time.perf_counter()
     for seed in range(args.seeds):
-        result = perception_ceiling(splits["train"], splits["val"], splits["test"], tau=tau, seed=seed, steps=args.steps)
+        result = perception_ceiling(
+            splits["train"], splits["val"], splits["test"], tau=tau, seed=seed, steps=args.steps
+        )
         ceilings.append(result)
     seconds = time.perf_counter() - start
 
@@ -93,13 +95,18 @@ def main() -> None:
     }
     emit_json(report, args.json)
     if args.figure:
-        accuracy_bars({
-            "reward model (drawn labels)": [model["pairwise_accuracy"]],
-            "reward model (expected)": [model["expected_accuracy"]],
-            "perception ceiling (drawn labels)": [c.pairwise_accuracy for c in ceilings],
-            "perception ceiling (expected)": [c.expected_accuracy for c in ceilings],
-        }, args.figure, title=f"reward accuracy on {n_pairs} held-out pairs of the demo world",
-            reference=bayes, target=ceiling_expected["mean"] - TARGET_POINTS)
+        accuracy_bars(
+            {
+                "reward model (drawn labels)": [model["pairwise_accuracy"]],
+                "reward model (expected)": [model["expected_accuracy"]],
+                "perception ceiling (drawn labels)": [c.pairwise_accuracy for c in ceilings],
+                "perception ceiling (expected)": [c.expected_accuracy for c in ceilings],
+            },
+            args.figure,
+            title=f"reward accuracy on {n_pairs} held-out pairs of the demo world",
+            reference=bayes,
+            target=ceiling_expected["mean"] - TARGET_POINTS,
+        )
 
 
 if __name__ == "__main__":

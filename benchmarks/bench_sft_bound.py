@@ -31,8 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def held_out_accuracy(pipe, prompts: list[str], seeds: int, cfg: PipelineConfig) -> dict[str, float]:
-    return sample_accuracy(pipe, prompts, seeds, cfg.seed, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance,
-                           resolution=cfg.model.resolution)[0]
+    return sample_accuracy(
+        pipe,
+        prompts,
+        seeds,
+        cfg.seed,
+        steps=cfg.eval.sample_steps,
+        guidance=cfg.eval.guidance,
+        resolution=cfg.model.resolution,
+    )[0]
 
 
 def main() -> None:
@@ -52,8 +59,9 @@ def main() -> None:
     tok = pipe.tokenizer
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = tok(train, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            train, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         cond = pipe.text_encoder(ids)[0]
     unet, lr = pipe.unet, args.lr or cfg.dpo.lr
     if args.full:
@@ -78,10 +86,18 @@ def main() -> None:
         optimizer.step()
         losses.append(loss.item())
     unet.eval()
-    result = {"base": str(cfg.base_model_dir()), "adapter": "full UNet" if args.full else cfg.dpo.lora.model_dump(),
-              "steps": cfg.dpo.steps, "batch_size": cfg.dpo.batch_size, "lr": lr, "train_prompts": len(train),
-              "train_seconds": round(time.perf_counter() - start, 1), "final_loss": float(np.mean(losses[-50:])),
-              "held_out_before": before, "held_out_after": held_out_accuracy(pipe, test, args.seeds, cfg)}
+    result = {
+        "base": str(cfg.base_model_dir()),
+        "adapter": "full UNet" if args.full else cfg.dpo.lora.model_dump(),
+        "steps": cfg.dpo.steps,
+        "batch_size": cfg.dpo.batch_size,
+        "lr": lr,
+        "train_prompts": len(train),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "final_loss": float(np.mean(losses[-50:])),
+        "held_out_before": before,
+        "held_out_after": held_out_accuracy(pipe, test, args.seeds, cfg),
+    }
     emit_json(result, args.json)
 
 

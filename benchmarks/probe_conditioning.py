@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 
 from prefalign.config import PipelineConfig, load_config
-from prefalign.models.sampling import generate
 from prefalign.evaluation.report import sample_accuracy
 from prefalign.models.diffusion import load_policy_pipeline, make_scheduler
+from prefalign.models.sampling import generate
 from prefalign.runtime import emit_json
 from prefalign.world.attributes import attribute_correctness
 from prefalign.world.grammar import DOMAINS, POSITIONS, parse_prompt, prompt_of
@@ -46,11 +46,14 @@ def position_confusion(images: np.ndarray, prompts: list[str]) -> list[list[int]
 def position_word_swap(pipe, prompts: list[str], cfg: PipelineConfig) -> dict[str, float]:
     variants = [prompt_of(replace(parse_prompt(p), position=pos)) for p in prompts for pos in POSITIONS]
     seeds = [1000 + i // len(POSITIONS) for i in range(len(variants))]
-    images = generate(pipe, variants, seeds, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance,
-                      resolution=cfg.model.resolution)
+    images = generate(
+        pipe, variants, seeds, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance, resolution=cfg.model.resolution
+    )
     centroids = measure(images).centroid.reshape(len(prompts), len(POSITIONS), 2)
-    return {"centroid_std_px": round(float(centroids.std(1).mean() * 16), 3),
-            "position_accuracy": round(float(attribute_correctness(variants, images)["position"].mean()), 4)}
+    return {
+        "centroid_std_px": round(float(centroids.std(1).mean() * 16), 3),
+        "position_accuracy": round(float(attribute_correctness(variants, images)["position"].mean()), 4),
+    }
 
 
 @torch.no_grad()
@@ -58,8 +61,9 @@ def eps_sensitivity(pipe, prompts: list[str]) -> dict[str, dict[str, float]]:
     tok, text_encoder = pipe.tokenizer, pipe.text_encoder
 
     def embed(texts):
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         return text_encoder(ids)[0]
 
     attrs = [parse_prompt(p) for p in prompts]
@@ -95,14 +99,25 @@ def main() -> None:
     prompts = sorted(table.prompt[table.split == "test"])
     pipe = load_policy_pipeline(args.base, args.policy)
     cfg = load_config(args.params)
-    acc, images, flat = sample_accuracy(pipe, prompts, args.seeds, args.seed, steps=cfg.eval.sample_steps,
-                                        guidance=cfg.eval.guidance, resolution=cfg.model.resolution)
-    result = {"base": str(args.base), "policy": str(args.policy) if args.policy else None,
-              "n_prompts": len(prompts), "seeds_per_prompt": args.seeds, "accuracy": acc,
-              "position_confusion": {"order": list(POSITIONS), "rows_named_cols_measured":
-                                     position_confusion(images, flat)},
-              "position_word_swap": position_word_swap(pipe, prompts[:20], cfg),
-              "eps_relative_change": eps_sensitivity(pipe, prompts[:20])}
+    acc, images, flat = sample_accuracy(
+        pipe,
+        prompts,
+        args.seeds,
+        args.seed,
+        steps=cfg.eval.sample_steps,
+        guidance=cfg.eval.guidance,
+        resolution=cfg.model.resolution,
+    )
+    result = {
+        "base": str(args.base),
+        "policy": str(args.policy) if args.policy else None,
+        "n_prompts": len(prompts),
+        "seeds_per_prompt": args.seeds,
+        "accuracy": acc,
+        "position_confusion": {"order": list(POSITIONS), "rows_named_cols_measured": position_confusion(images, flat)},
+        "position_word_swap": position_word_swap(pipe, prompts[:20], cfg),
+        "eps_relative_change": eps_sensitivity(pipe, prompts[:20]),
+    }
     emit_json(result, args.json)
 
 

@@ -63,9 +63,15 @@ def alignment_pipeline(
         publish_reports(reports, decision)
         if parent_run_id:
             record_runs(params_path, overrides, parent_run_id, {s: r["run_id"] for s, r in results.items()})
-    summary = {"parent_run_id": parent_run_id, "champion": decision["champion"] if decision else None,
-               "promoted": bool(decision and decision["promoted"]), "eval": eval_key_figures(reports),
-               "tracking_uri": tracking_uri(cfg), "ui": "make ui-mlflow (MLflow), make ui-prefect (Prefect)", "candidates": {m: c.as_dict() for m, c in candidates.items()}}
+    summary = {
+        "parent_run_id": parent_run_id,
+        "champion": decision["champion"] if decision else None,
+        "promoted": bool(decision and decision["promoted"]),
+        "eval": eval_key_figures(reports),
+        "tracking_uri": tracking_uri(cfg),
+        "ui": "make ui-mlflow (MLflow), make ui-prefect (Prefect)",
+        "candidates": {m: c.as_dict() for m, c in candidates.items()},
+    }
     print(json.dumps(summary, indent=2, default=str))
     return summary
 

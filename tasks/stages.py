@@ -41,8 +41,11 @@ def dvc_repro(stage: str, root: Path) -> str:
     """
     logger = get_run_logger()
     # The stage cmd is `prefalign stage ...`: put this environment's bin/ first so DVC finds it.
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -64,11 +67,18 @@ def run_stage_task(
         summary, skipped = stages.run_stage(stage, cfg), False
     elif overrides:
         sets = " ".join(f"-S {k}={v}" for k, v in overrides.items())
-        raise ValueError(f"overrides are not applied in dvc mode (dvc.lock must tell the truth): run `dvc exp run "
-                         f"{sets}`, edit params.yaml, or use mode='direct'")
+        raise ValueError(
+            f"overrides are not applied in dvc mode (dvc.lock must tell the truth): run `dvc exp run "
+            f"{sets}`, edit params.yaml, or use mode='direct'"
+        )
     elif Path(params_path).resolve() != Path(cfg.paths.root).resolve() / "params.yaml":
         raise ValueError(f"dvc mode reads <repo>/params.yaml; got {params_path}")
     else:
         summary, skipped = None, _SKIPPED in dvc_repro(stage, Path(cfg.paths.root))
-    return {"stage": stage, "mode": mode, "run_id": read_run_id(stages.stage_out_dir(stage, cfg)), "skipped": skipped,
-            "summary": summary}
+    return {
+        "stage": stage,
+        "mode": mode,
+        "run_id": read_run_id(stages.stage_out_dir(stage, cfg)),
+        "skipped": skipped,
+        "summary": summary,
+    }

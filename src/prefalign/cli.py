@@ -71,7 +71,10 @@ def promote(params: ParamsOpt = Path("params.yaml")) -> None:
     eval_report = json.loads((cfg.paths.resolve("reports") / "eval.json").read_text())
     candidates = {
         method: registry.register_policy(
-            cfg, method=method, policy_dir=cfg.paths.resolve(method), base_dir=cfg.base_model_dir(),
+            cfg,
+            method=method,
+            policy_dir=cfg.paths.resolve(method),
+            base_dir=cfg.base_model_dir(),
             run_id=read_run_id(cfg.paths.resolve(method)),
             metrics={k: v for k, v in eval_report["models"][method].items() if isinstance(v, float)},
         )
@@ -100,8 +103,9 @@ def data_validate(
 
     cfg = _config(params, None)
     try:
-        result = validate_preferences(input, cfg.validation, report_path=report, docs_dir=report.parent / "data_docs",
-                                      data=cfg.data)
+        result = validate_preferences(
+            input, cfg.validation, report_path=report, docs_dir=report.parent / "data_docs", data=cfg.data
+        )
     except DataUnreadableError as err:
         typer.secho(str(err), fg="red", err=True)
         raise typer.Exit(2) from None
@@ -133,8 +137,12 @@ def data_import(
     typer.echo(summary.line())
     typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
     if summary.exit_code:
-        typer.secho(f"nothing imported from {input}: every row was skipped or quarantined "
-                    f"(see {output / 'quarantine.parquet'})", fg="red", err=True)
+        typer.secho(
+            f"nothing imported from {input}: every row was skipped or quarantined "
+            f"(see {output / 'quarantine.parquet'})",
+            fg="red",
+            err=True,
+        )
     raise typer.Exit(summary.exit_code)
 
 

@@ -60,9 +60,6 @@ class Paths(Section):
         "checkpoints", description="Resumable training state per stage; outside every DVC output, git-ignored."
     )
     reports: str = Field("reports", description="Small JSON metrics and PNG figures.")
-    checkpoints: str = Field(
-        "checkpoints", description="Resumable training state per stage; outside every DVC output, git-ignored."
-    )
 
     def resolve(self, name: str) -> Path:
         """Absolute path of the named entry."""
@@ -96,16 +93,23 @@ class Pretrain(Section):
     unet_steps: NonNegativeInt = Field(1000, description="UNet + text encoder optimizer steps.")
     unet_lr: PositiveFloat = Field(1e-3, description="UNet + text encoder learning rate.")
     unet_lr_schedule: Literal["constant_with_warmup", "cosine"] = Field(
-        "cosine", description="UNet + text encoder schedule after a 50-step warmup (diffusers get_scheduler).")
+        "cosine", description="UNet + text encoder schedule after a 50-step warmup (diffusers get_scheduler)."
+    )
     batch_size: PositiveInt = Field(64, description="Images per optimizer step.")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Empty-caption rate (enables guidance).")
     caption_position_rate: float = Field(
-        0.2, ge=0.0, le=1.0, description="Share of pretraining captions that keep their position phrase (web "
-        "captions rarely say where things are); the others drop it, keyed by image.")
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Share of pretraining captions that keep their position phrase (web "
+        "captions rarely say where things are); the others drop it, keyed by image.",
+    )
     text_encoder: Literal["joint", "frozen"] = Field(
-        "frozen", description="joint: trained with the UNet (words the UNet does not use collapse in its output); "
+        "frozen",
+        description="joint: trained with the UNet (words the UNet does not use collapse in its output); "
         "frozen: fixed at its initialisation with unit-scale word embeddings, as SD keeps CLIP frozen, so every "
-        "word stays distinct and a fine-tune can learn to use it.")
+        "word stays distinct and a fine-tune can learn to use it.",
+    )
 
 
 class DataConfig(Section):
@@ -154,7 +158,9 @@ class ModelConfig(Section):
     """The diffusion model: the demo's tiny Stable Diffusion or a local diffusers folder."""
 
     preset: Literal["demo", "sd15", "sdxl", "sd15-random"] = Field("demo", description="Model family.")
-    pretrained_path: str | None = Field(None, description="Local SD1.x diffusers folder for sd15, used in place (never a hub id).")
+    pretrained_path: str | None = Field(
+        None, description="Local SD1.x diffusers folder for sd15, used in place (never a hub id)."
+    )
     resolution: PositiveInt = Field(16, description="Training/sampling resolution in pixels.")
     unet_channels: tuple[PositiveInt, ...] = Field((64, 128, 128), description="Demo UNet block widths.")
     vae_channels: tuple[PositiveInt, ...] = Field((32, 64), description="Demo VAE block widths.")
@@ -174,7 +180,9 @@ class RewardConfig(Section):
     embed_dim: PositiveInt = Field(64, description="Tiny backbone projection width.")
     tiny_width: PositiveInt = Field(128, description="Tiny backbone: hidden width of both towers.")
     tiny_vision_layers: PositiveInt = Field(4, description="Tiny backbone: vision transformer layers.")
-    tiny_patch_size: PositiveInt | None = Field(None, description="Tiny backbone: patch side (None: largest giving >= 4x4 patches).")
+    tiny_patch_size: PositiveInt | None = Field(
+        None, description="Tiny backbone: patch side (None: largest giving >= 4x4 patches)."
+    )
     pretrain_steps: NonNegativeInt = Field(
         1500, description="Tiny backbone: CLIP pretraining steps on the world's captioned renderings (0: none)."
     )
@@ -183,18 +191,22 @@ class RewardConfig(Section):
     eval_every: PositiveInt = Field(100, description="Validation every N steps (early stopping).")
     patience: PositiveInt = Field(6, description="Evaluations without improvement before stopping.")
     select_on: RewardSelection = Field(
-        "loss", description="Early stopping keeps the weights of the lowest validation BT loss ('loss') or of the best "
-        "validation pairwise accuracy, loss breaking ties ('accuracy')."
+        "loss",
+        description="Early stopping keeps the weights of the lowest validation BT loss ('loss') or of the best "
+        "validation pairwise accuracy, loss breaking ties ('accuracy').",
     )
     ema_decay: float = Field(
         0.995, ge=0.0, lt=1.0, description="EMA of the weights, validated and kept instead of the raw ones (0: off)."
     )
     mirror_augment: bool = Field(
-        True, description="Train each example mirrored with probability 1/2: images flipped, left/right swapped in the prompt."
+        True,
+        description="Train each example mirrored with probability 1/2: images flipped, left/right swapped "
+        "in the prompt.",
     )
     train_last_layers: NonNegativeInt | None = Field(
-        None, description="None: the whole backbone trains; N: only the projections, logit_scale and each tower's last N "
-        "layers (HPSv2-style; the tiny backbone's CLIP pretraining still trains all of it)."
+        None,
+        description="None: the whole backbone trains; N: only the projections, logit_scale and each tower's last N "
+        "layers (HPSv2-style; the tiny backbone's CLIP pretraining still trains all of it).",
     )
 
 
@@ -215,7 +227,9 @@ class PolicyTrainerConfig(Section):
     warmup_steps: NonNegativeInt = Field(0, description="Linear warmup steps.")
     max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
     optimizer: PolicyOptimizer = Field("adamw", description="adamw, or adafactor (transformers, relative_step off).")
-    mixed_precision: MixedPrecision = Field("no", description="no | bf16 | fp16; CUDA only, CPU always trains in fp32.")
+    mixed_precision: MixedPrecision = Field(
+        "no", description="no | bf16 | fp16; CUDA only, CPU always trains in fp32."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward (less memory).")
     checkpoint_every: NonNegativeInt = Field(
         0, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
@@ -236,8 +250,12 @@ class DPOConfig(PolicyTrainerConfig):
     warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps.")
     prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Share of pairs trained with the empty prompt.")
     timestep_min: int = Field(
-        500, ge=0, lt=1000, description="Train on t ~ U{timestep_min..999}; 0 is the published uniform draw (use it "
-        "for real models), 500 was measured on the demo world, where the layout is decided at high t.")
+        500,
+        ge=0,
+        lt=1000,
+        description="Train on t ~ U{timestep_min..999}; 0 is the published uniform draw (use it "
+        "for real models), 500 was measured on the demo world, where the layout is decided at high t.",
+    )
     checkpoint_every: NonNegativeInt = Field(
         100, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
     )
@@ -255,7 +273,9 @@ class DROConfig(PolicyTrainerConfig):
     steps: PositiveInt = Field(150, description="Optimizer steps.")
     batch_size: PositiveInt = Field(16, description="Expert/policy samples per micro-batch per process.")
     sample_steps: PositiveInt = Field(10, description="DPM-Solver++ steps of the online sampler.")
-    guidance: NonNegativeFloat = Field(1.0, description="Guidance scale of the online sampler (1 = none, as published).")
+    guidance: NonNegativeFloat = Field(
+        1.0, description="Guidance scale of the online sampler (1 = none, as published)."
+    )
     reuse: PositiveInt = Field(4, description="Optimizer updates served by one recorded batch of trajectories.")
     sync_every: PositiveInt = Field(
         1, description="The sampler's copy of the adapter re-syncs with the trained one every M updates (published 1)."
@@ -272,7 +292,10 @@ class DROConfig(PolicyTrainerConfig):
         50, description="Per-round offset U{-j..j} added to the sampler's timestep grid (0: the plain grid)."
     )
     ema_decay: float = Field(
-        0.9989, ge=0.0, lt=1.0, description="EMA decay of the adapter weights, exported when > 0 (0: off; published .9999)."
+        0.9989,
+        ge=0.0,
+        lt=1.0,
+        description="EMA decay of the adapter weights, exported when > 0 (0: off; published .9999).",
     )
     checkpoint_every: NonNegativeInt = Field(
         50, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
@@ -298,9 +321,11 @@ class EvalConfig(Section):
     bootstrap: PositiveInt = Field(2000, description="Bootstrap resamples of prompts for the 95% interval.")
     metric_primary: Literal["oracle", "reward"] = Field("oracle", description="Metric that decides promotion.")
     grid_prompts: PositiveInt = Field(
-        12, description="Held-out prompts shown in reports/eval/samples.png (at most the prompts evaluated).")
+        12, description="Held-out prompts shown in reports/eval/samples.png (at most the prompts evaluated)."
+    )
     grid_seeds: PositiveInt = Field(
-        2, description="Evaluation images per grid prompt shown per model (at most images_per_prompt).")
+        2, description="Evaluation images per grid prompt shown per model (at most images_per_prompt)."
+    )
 
 
 class RegistryConfig(Section):
@@ -347,8 +372,10 @@ class PipelineConfig(Section):
         if self.model.preset == "sdxl":
             # Fail at load rather than deep in featurize: SDXL conditions on two text encoders and on
             # size/crop time ids, which featurize and the policy trainer do not compute.
-            raise ValueError("model.preset 'sdxl' is not supported yet: featurize and the trainers take one text "
-                             "encoder (SD1.x/2.x folders); use preset 'sd15' with model.pretrained_path")
+            raise ValueError(
+                "model.preset 'sdxl' is not supported yet: featurize and the trainers take one text "
+                "encoder (SD1.x/2.x folders); use preset 'sd15' with model.pretrained_path"
+            )
         if self.model.preset == "sd15" and not self.model.pretrained_path:
             raise ValueError("model.pretrained_path (a local diffusers folder) is required for preset sd15")
         return self

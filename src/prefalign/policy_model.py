@@ -74,7 +74,7 @@ class DiffusionPolicyModel(_python_model_base()):  # type: ignore[misc]
     # model_input is deliberately unannotated: MLflow infers a signature from a predict type hint and
     # then replaces the logged one, dropping its params schema (and with them the params at predict time).
     # The price is MLflow's harmless "Add type hints to the `predict` method" warning at log and load.
-    def predict(self, model_input, params: Mapping[str, Any] | None = None) -> list[str]:  # noqa: ANN001
+    def predict(self, model_input, params: Mapping[str, Any] | None = None) -> list[str]:
         """Generate one image per prompt.
 
         Args:

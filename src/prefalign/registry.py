@@ -79,12 +79,20 @@ def _client(cfg: PipelineConfig) -> MlflowClient:
 
 
 def _experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
-    return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        raise LookupError(f"no MLflow experiment {cfg.tracking.experiment!r} on the tracking server")
+    return experiment.experiment_id
 
 
 def _info(mv: ModelVersion, created: bool) -> ModelVersionInfo:
-    return ModelVersionInfo(name=mv.name, version=str(mv.version), created=created,
-                            weights_sha=mv.tags.get("weights_sha", ""), run_id=mv.run_id)
+    return ModelVersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        created=created,
+        weights_sha=mv.tags.get("weights_sha", ""),
+        run_id=mv.run_id,
+    )
 
 
 def _find_by_sha(client: MlflowClient, name: str, sha: str) -> ModelVersion | None:
@@ -93,8 +101,9 @@ def _find_by_sha(client: MlflowClient, name: str, sha: str) -> ModelVersion | No
     return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def _version_tags(cfg: PipelineConfig, sha: str, run_id: str | None, metrics: Mapping[str, float],
-                  extra: Mapping[str, str]) -> dict[str, str]:
+def _version_tags(
+    cfg: PipelineConfig, sha: str, run_id: str | None, metrics: Mapping[str, float], extra: Mapping[str, str]
+) -> dict[str, str]:
     root = Path(cfg.paths.root)
     tags = {
         "weights_sha": sha,
@@ -115,8 +124,9 @@ def _source_run(client: MlflowClient, cfg: PipelineConfig, run_id: str | None, w
     """
     if run_id:
         return run_id
-    run = client.create_run(_experiment_id(client, cfg), run_name=f"register_{what}",
-                            tags={"prefalign.stage": f"register_{what}"})
+    run = client.create_run(
+        _experiment_id(client, cfg), run_name=f"register_{what}", tags={"prefalign.stage": f"register_{what}"}
+    )
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
@@ -180,12 +190,23 @@ def register_policy(
         # it in the *default* experiment ("0", artifacts under ./mlruns of the working directory) whenever
         # no fluent run is active. Model.log (not pyfunc.log_model) takes run_id and model_id, so the
         # finished training run is linked without being resumed.
-        logged = client.create_logged_model(_experiment_id(client, cfg), name="policy", source_run_id=source_run,
-                                            tags={"method": method, "weights_sha": sha})
-        info = Model.log(artifact_path=None, name="policy", flavor=mlflow.pyfunc, run_id=source_run,
-                         model_id=logged.model_id, python_model=str(POLICY_CODE),
-                         artifacts={"base": str(base_dir), "policy": str(policy_dir)},
-                         signature=signature, pip_requirements=_pip_requirements())
+        logged = client.create_logged_model(
+            _experiment_id(client, cfg),
+            name="policy",
+            source_run_id=source_run,
+            tags={"method": method, "weights_sha": sha},
+        )
+        info = Model.log(
+            artifact_path=None,
+            name="policy",
+            flavor=mlflow.pyfunc,
+            run_id=source_run,
+            model_id=logged.model_id,
+            python_model=str(POLICY_CODE),
+            artifacts={"base": str(base_dir), "policy": str(policy_dir)},
+            signature=signature,
+            pip_requirements=_pip_requirements(),
+        )
     version_tags = _version_tags(cfg, sha, run_id, metrics, {"method": method, **(tags or {})})
     mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
     log.info("%s: registered %s as version %s (weights %s)", name, method, mv.version, sha[:12])
@@ -209,12 +230,14 @@ def register_reward(
     if (existing := _find_by_sha(client, name, sha)) is not None:
         return _info(existing, created=False)
     source_run = _source_run(client, cfg, run_id, "reward")
-    model = client.create_logged_model(_experiment_id(client, cfg), name="reward", source_run_id=source_run,
-                                       tags={"weights_sha": sha})
+    model = client.create_logged_model(
+        _experiment_id(client, cfg), name="reward", source_run_id=source_run, tags={"weights_sha": sha}
+    )
     client.log_model_artifacts(model.model_id, str(model_dir))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    mv = mlflow.register_model(f"models:/{model.model_id}", name,
-                               tags=_version_tags(cfg, sha, run_id, metrics, {"kind": "reward"}))
+    mv = mlflow.register_model(
+        f"models:/{model.model_id}", name, tags=_version_tags(cfg, sha, run_id, metrics, {"kind": "reward"})
+    )
     log.info("%s: registered version %s (weights %s)", name, mv.version, sha[:12])
     return _info(client.get_model_version(name, mv.version), created=True)
 
@@ -273,16 +296,25 @@ def _ref(mv: ModelVersion | None) -> dict[str, str] | None:
     return None if mv is None else {"name": mv.name, "version": str(mv.version), "method": mv.tags.get("method", "")}
 
 
-def _rank(cfg: PipelineConfig, candidates: Mapping[str, ModelVersionInfo], report: Mapping[str, Any], metric: str
-          ) -> list[dict[str, Any]]:
+def _rank(
+    cfg: PipelineConfig, candidates: Mapping[str, ModelVersionInfo], report: Mapping[str, Any], metric: str
+) -> list[dict[str, Any]]:
     """One row per candidate with its score and whether it qualifies, best qualifying first."""
     rows = []
     for method, info in candidates.items():
         score = float(report["models"][method][f"{metric}_mean"])
         ci_low = float(report["win_rates"][f"{method}_vs_base"][metric]["ci_low"])
         qualifies = ci_low > 0.5 or not cfg.registry.require_beats_base
-        rows.append({"method": method, "name": info.name, "version": info.version, "score": score,
-                     "ci_low_vs_base": ci_low, "qualifies": qualifies})
+        rows.append(
+            {
+                "method": method,
+                "name": info.name,
+                "version": info.version,
+                "score": score,
+                "ci_low_vs_base": ci_low,
+                "qualifies": qualifies,
+            }
+        )
     return sorted(rows, key=lambda r: (not r["qualifies"], -r["score"]))
 
 
@@ -297,14 +329,25 @@ def _decide(best: dict[str, Any] | None, champion: ModelVersion | None, metric: 
     if recorded is None:
         return False, f"champion v{champion.version} has no recorded {metric}_mean; not replaced automatically"
     if best["score"] > float(recorded):
-        return True, f"{best['method']} v{best['version']} {metric}_mean {best['score']:.4f} > champion " \
-                     f"v{champion.version} {float(recorded):.4f}"
-    return False, f"{best['method']} v{best['version']} {metric}_mean {best['score']:.4f} does not beat champion " \
-                  f"v{champion.version} {float(recorded):.4f}"
+        return (
+            True,
+            (
+                f"{best['method']} v{best['version']} {metric}_mean {best['score']:.4f} > champion "
+                f"v{champion.version} {float(recorded):.4f}"
+            ),
+        )
+    return (
+        False,
+        (
+            f"{best['method']} v{best['version']} {metric}_mean {best['score']:.4f} does not beat champion "
+            f"v{champion.version} {float(recorded):.4f}"
+        ),
+    )
 
 
-def promote(cfg: PipelineConfig, candidates: Mapping[str, ModelVersionInfo], eval_report: Mapping[str, Any]
-            ) -> dict[str, Any]:
+def promote(
+    cfg: PipelineConfig, candidates: Mapping[str, ModelVersionInfo], eval_report: Mapping[str, Any]
+) -> dict[str, Any]:
     """Move ``champion`` to the best qualifying candidate if it beats the current champion.
 
     Candidates are ranked by ``eval_report["models"][method]["<metric_primary>_mean"]``. With
@@ -340,8 +383,15 @@ def promote(cfg: PipelineConfig, candidates: Mapping[str, ModelVersionInfo], eva
         client.set_registered_model_alias(name, "challenger", others[0]["version"])
         challenger = _ref(client.get_model_version(name, others[0]["version"]))
     log.info("promotion: %s", reason)
-    return {"promoted": promoted, "champion": _ref(champion), "previous_champion": previous,
-            "challenger": challenger, "reason": reason, "metric": metric, "candidates": rows}
+    return {
+        "promoted": promoted,
+        "champion": _ref(champion),
+        "previous_champion": previous,
+        "challenger": challenger,
+        "reason": reason,
+        "metric": metric,
+        "candidates": rows,
+    }
 
 
 def rollback(cfg: PipelineConfig) -> dict[str, Any]:
@@ -361,8 +411,9 @@ def rollback(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- lineage
-def _walk_runs(client: MlflowClient, run_id: str, depth: int, seen: set[str], lines: list[str],
-               found: dict[str, list[Any]]) -> None:
+def _walk_runs(
+    client: MlflowClient, run_id: str, depth: int, seen: set[str], lines: list[str], found: dict[str, list[Any]]
+) -> None:
     """Depth-first over ``prefalign.upstream_run``; one indented line per run, each run once."""
     from mlflow.exceptions import MlflowException
 
@@ -376,9 +427,11 @@ def _walk_runs(client: MlflowClient, run_id: str, depth: int, seen: set[str], li
     tags = run.data.tags
     stage = tags.get("prefalign.stage", "?")
     found.setdefault(stage, []).append(run)
-    lines.append(f"{pad}{'training' if depth == 0 else 'upstream'} run {run_id} [{stage}] {run.info.status}: "
-                 f"git {tags.get('prefalign.git_commit', '?')}, params {tags.get('prefalign.params_sha', '?')}, "
-                 f"data {tags.get('prefalign.data_version', '?')}")
+    lines.append(
+        f"{pad}{'training' if depth == 0 else 'upstream'} run {run_id} [{stage}] {run.info.status}: "
+        f"git {tags.get('prefalign.git_commit', '?')}, params {tags.get('prefalign.params_sha', '?')}, "
+        f"data {tags.get('prefalign.data_version', '?')}"
+    )
     for upstream in filter(None, tags.get("prefalign.upstream_run", "").split(",")):
         if upstream not in seen:
             _walk_runs(client, upstream, depth + 1, seen, lines, found)
@@ -391,8 +444,12 @@ def _validation_run(client: MlflowClient, training: Any, md5: str) -> Any | None
         filters.append(f"tags.`mlflow.parentRunId` = '{parent}'")
     filters.append(f"tags.`prefalign.data_version` = '{md5}'")
     for extra in filters:
-        runs = client.search_runs([training.info.experiment_id], f"tags.`prefalign.stage` = 'validate' and {extra}",
-                                  max_results=1, order_by=["attributes.start_time DESC"])
+        runs = client.search_runs(
+            [training.info.experiment_id],
+            f"tags.`prefalign.stage` = 'validate' and {extra}",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
         if runs:
             return runs[0]
     return None
@@ -424,8 +481,12 @@ def lineage(ref: str, cfg: PipelineConfig) -> list[str]:
     client = _client(cfg)
     mv = _resolve(client, ref)
     tags = mv.tags
-    lines = [f"model {mv.name} v{mv.version} aliases={list(mv.aliases)} method={tags.get('method', '?')} "
-             f"weights_sha={tags.get('weights_sha', '?')[:16]} source={mv.source}"]
+    lines = [
+        (
+            f"model {mv.name} v{mv.version} aliases={list(mv.aliases)} method={tags.get('method', '?')} "
+            f"weights_sha={tags.get('weights_sha', '?')[:16]} source={mv.source}"
+        )
+    ]
     run_id = tags.get("training_run_id") or mv.run_id
     if not run_id:
         return [*lines, "  training run: none recorded"]
@@ -439,6 +500,9 @@ def lineage(ref: str, cfg: PipelineConfig) -> list[str]:
     commit = tags.get("git_commit") or training.data.tags.get("prefalign.git_commit")
     lines.append(f"data version {md5} (git {commit})")
     validation = _validation_run(client, training, md5)
-    lines.append(f"validation report {validation.info.artifact_uri}/validation.json (run {validation.info.run_id})"
-                 if validation else "validation report: no validate run found")
+    lines.append(
+        f"validation report {validation.info.artifact_uri}/validation.json (run {validation.info.run_id})"
+        if validation
+        else "validation report: no validate run found"
+    )
     return lines

@@ -99,7 +99,8 @@ class MlflowTracker:
     def __init__(self, run_id: str, tracking_uri: str) -> None:
         from mlflow import MlflowClient
 
-        self.run_id: str | None = run_id
+        self.run_id: str | None = run_id  # the Tracker protocol's type; always set here
+        self._run_id = run_id
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri)
 
@@ -109,7 +110,7 @@ class MlflowTracker:
 
         entries = [Param(str(k), _param_value(v)) for k, v in params.items()]
         for batch in _chunks(entries, _PARAM_BATCH):
-            self._client.log_batch(self.run_id, params=batch)
+            self._client.log_batch(self._run_id, params=batch)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log scalar metrics at ``step`` (0 when None), all with one timestamp."""
@@ -120,15 +121,15 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         entries = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()]
         for batch in _chunks(entries, _METRIC_BATCH):
-            self._client.log_batch(self.run_id, metrics=batch)
+            self._client.log_batch(self._run_id, metrics=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file (or a folder's contents) into the run's artifacts, under ``artifact_path``."""
         path = Path(path)
         if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+            self._client.log_artifacts(self._run_id, str(path), artifact_path)
         else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            self._client.log_artifact(self._run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags (values stringified)."""
@@ -136,7 +137,7 @@ class MlflowTracker:
 
         entries = [RunTag(str(k), str(v)) for k, v in tags.items()]
         for batch in _chunks(entries, _PARAM_BATCH):
-            self._client.log_batch(self.run_id, tags=batch)
+            self._client.log_batch(self._run_id, tags=batch)
 
     def log_dataset(self, *, name: str, digest: str, source: str, context: str = "training") -> None:
         """Record a dataset input: ``digest`` is the DVC md5, ``source`` the remote URL or local path."""
@@ -148,10 +149,10 @@ class MlflowTracker:
         with warnings.catch_warnings():
             # A local path matches two equivalent local source types; MLflow warns and picks one. Harmless.
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = MetaDataset(source=resolve_dataset_source(source), name=name, digest=digest)
+            dataset = MetaDataset(source=resolve_dataset_source(source), name=name, digest=digest)  # type: ignore[abstract]  # concrete at run time
         # Dataset -> entity is what mlflow.log_input does internally; the client API takes entities only.
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-        self._client.log_inputs(self.run_id, datasets=[entity])
+        self._client.log_inputs(self._run_id, datasets=[entity])
 
 
 # ----------------------------------------------------------------------------------------- configuration
@@ -287,8 +288,10 @@ def stage_run(
     """
     if not cfg.tracking.enabled:
         yield NullTracker()
-        _write_run_file(out_dir, {"run_id": None, "stage": stage, "experiment_id": None, "tracking_uri": None,
-                                  "parent_run_id": None})
+        _write_run_file(
+            out_dir,
+            {"run_id": None, "stage": stage, "experiment_id": None, "tracking_uri": None, "parent_run_id": None},
+        )
         return
 
     import mlflow
@@ -299,16 +302,29 @@ def stage_run(
     # The fluent run stack is thread-local; nest only when this thread already has an active run (which
     # must then be the parent: mlflow refuses a parent_run_id different from the active run).
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent, nested=nested,
-                          tags=_lineage_tags(cfg, stage, version.md5, upstream)) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=stage,
+        parent_run_id=parent,
+        nested=nested,
+        tags=_lineage_tags(cfg, stage, version.md5, upstream),
+    ) as run:
         tracker = MlflowTracker(run.info.run_id, uri)
         tracker.log_params(flatten_config(cfg))
         if stage in TRAINING_STAGES:
             source = version.remote_url or str(cfg.paths.resolve("preferences"))
             tracker.log_dataset(name="preferences", digest=version.md5, source=source)
         yield tracker
-        _write_run_file(out_dir, {"run_id": run.info.run_id, "stage": stage, "experiment_id": experiment_id,
-                                  "tracking_uri": uri, "parent_run_id": parent})
+        _write_run_file(
+            out_dir,
+            {
+                "run_id": run.info.run_id,
+                "stage": stage,
+                "experiment_id": experiment_id,
+                "tracking_uri": uri,
+                "parent_run_id": parent,
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------- pipeline run

@@ -44,6 +44,7 @@ def git_commit(root: Path) -> str:
     Returns:
         The sha (``<sha>`` or ``<sha>-dirty``), or ``"unknown"`` outside a git repository or without git.
     """
+
     def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
 
@@ -98,7 +99,7 @@ def _remote_url(root: Path, path: str) -> str | None:
         import dvc.api
 
         return dvc.api.get_url(path, repo=str(root))
-    except Exception as err:  # no DVC repo, no remote, not tracked: lineage just lacks the URL
+    except Exception as err:  # noqa: BLE001 - no DVC repo, no remote, not tracked: lineage just lacks the URL
         log.debug("no DVC remote URL for %s in %s: %s", path, root, err)
         return None
 

@@ -21,6 +21,5 @@ def test_dataset_passes_the_validation_suite(data_path: Path, tmp_path: Path) ->
     if not data_path.exists():
         pytest.skip(f"no canonical dataset at {data_path} (run `dvc pull` or the ingest stage, or pass --data-path)")
     cfg = load_config(REPO / "params.yaml")
-    report = validate_preferences(data_path, cfg.validation, report_path=tmp_path / "validation.json",
-                                  data=cfg.data)
+    report = validate_preferences(data_path, cfg.validation, report_path=tmp_path / "validation.json", data=cfg.data)
     assert report.success, "dataset failed validation:\n" + "\n".join(report.failures())

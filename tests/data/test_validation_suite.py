@@ -41,18 +41,37 @@ def _build_valid(folder: Path) -> None:
         for k in range(PAIRS_PER_PROMPT):
             w, lo = shas[(p_index + k) % 8], shas[(p_index + 2 * k + 1) % 8]
             tie = (p_index * PAIRS_PER_PROMPT + k) % 10 == 0  # 10% ties, under the 30% limit
-            pairs.append({"pair_id": pair_id(prompt, w, lo, tie=tie), "prompt": prompt, "image_w": w, "image_l": lo,
-                          "label": 0.5 if tie else 1.0, "source": "test", "split": split})
+            pairs.append(
+                {
+                    "pair_id": pair_id(prompt, w, lo, tie=tie),
+                    "prompt": prompt,
+                    "image_w": w,
+                    "image_l": lo,
+                    "label": 0.5 if tie else 1.0,
+                    "source": "test",
+                    "split": split,
+                }
+            )
         images = [shas[(p_index + j) % 8] for j in range(3)]
-        rankings.append({"ranking_id": f"r{p_index}", "prompt": prompt, "images": images, "source": "test",
-                         "split": split})
-        feedback.append({"feedback_id": f"f{p_index}", "prompt": prompt, "image": images[0],
-                         "desirable": bool(p_index % 2), "source": "test", "split": split})
+        rankings.append(
+            {"ranking_id": f"r{p_index}", "prompt": prompt, "images": images, "source": "test", "split": split}
+        )
+        feedback.append(
+            {
+                "feedback_id": f"f{p_index}",
+                "prompt": prompt,
+                "image": images[0],
+                "desirable": bool(p_index % 2),
+                "source": "test",
+                "split": split,
+            }
+        )
     schema.write_table(pd.DataFrame(pairs), folder / "pairs.parquet", schema.PAIRS_SCHEMA)
     schema.write_table(pd.DataFrame(rankings), folder / "rankings.parquet", schema.RANKINGS_SCHEMA)
     schema.write_table(pd.DataFrame(feedback), folder / "feedback.parquet", schema.FEEDBACK_SCHEMA)
-    schema.write_table(schema.empty_table(schema.QUARANTINE_SCHEMA), folder / "quarantine.parquet",
-                       schema.QUARANTINE_SCHEMA)
+    schema.write_table(
+        schema.empty_table(schema.QUARANTINE_SCHEMA), folder / "quarantine.parquet", schema.QUARANTINE_SCHEMA
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +117,15 @@ def test_valid_folder_passes_and_writes_report_and_docs(folder, tmp_path):
     assert on_disk["success"] is True
     assert on_disk["statistics"]["rows"]["pairs"] == N_PROMPTS * PAIRS_PER_PROMPT
     assert on_disk["statistics"]["images_checked"] == 8
-    assert {r["table"] for r in on_disk["results"]} >= {"pairs", "rankings", "feedback", "prompts", "images",
-                                                         "dataset", "ranking_lists"}
+    assert {r["table"] for r in on_disk["results"]} >= {
+        "pairs",
+        "rankings",
+        "feedback",
+        "prompts",
+        "images",
+        "dataset",
+        "ranking_lists",
+    }
     assert Path(on_disk["docs_index"]).is_file()
     assert list((tmp_path / "docs" / "validations").rglob("*.html"))
 
@@ -167,11 +193,14 @@ def test_unknown_split(folder):
     _failed(_run(folder), "expect_column_values_to_be_in_set(split)")
 
 
-@pytest.mark.parametrize(("prompt", "expectation"), [
-    ("", "expect_column_value_lengths_to_be_between(prompt)"),
-    ("   \t", "expect_column_values_to_match_regex(prompt)"),
-    ("x" * 2001, "expect_column_value_lengths_to_be_between(prompt)"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "expectation"),
+    [
+        ("", "expect_column_value_lengths_to_be_between(prompt)"),
+        ("   \t", "expect_column_values_to_match_regex(prompt)"),
+        ("x" * 2001, "expect_column_value_lengths_to_be_between(prompt)"),
+    ],
+)
 def test_bad_prompt(folder, prompt, expectation):
     df = _pairs(folder)
     df.loc[11, "prompt"] = prompt
@@ -231,6 +260,7 @@ def test_non_rgb_images_are_valid(folder, tmp_path, mode):
     df.loc[3, "image_l"] = sha
     _save_pairs(folder, df)
     assert _run(folder).success
+
 
 def test_too_many_ties(folder):
     df = _pairs(folder)
@@ -298,8 +328,9 @@ def test_cli_exit_codes_are_0_valid_1_invalid_2_unreadable(folder, tmp_path):
     report = tmp_path / "out" / "validation.json"
 
     def validate(target: Path):
-        return CliRunner().invoke(app, ["data", "validate", "--input", str(target), "--report", str(report),
-                                        "--params", str(params)])
+        return CliRunner().invoke(
+            app, ["data", "validate", "--input", str(target), "--report", str(report), "--params", str(params)]
+        )
 
     ok = validate(folder)
     assert ok.exit_code == 0, ok.output

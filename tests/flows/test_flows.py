@@ -20,19 +20,37 @@ from prefalign import stages  # noqa: E402
 from prefalign.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, read_run_id, stage_run, tracking_uri  # noqa: E402
 
 UPSTREAM = {
-    "world": [], "pretrain_base": ["world"], "ingest": ["pretrain_base"], "validate": ["ingest"],
-    "featurize": ["ingest", "pretrain_base"], "train_reward": ["ingest"], "train_dpo": ["featurize", "pretrain_base"],
-    "train_dro": ["featurize", "train_reward", "train_dpo"], "evaluate": ["train_dpo", "train_dro", "train_reward"],
+    "world": [],
+    "pretrain_base": ["world"],
+    "ingest": ["pretrain_base"],
+    "validate": ["ingest"],
+    "featurize": ["ingest", "pretrain_base"],
+    "train_reward": ["ingest"],
+    "train_dpo": ["featurize", "pretrain_base"],
+    "train_dro": ["featurize", "train_reward", "train_dpo"],
+    "evaluate": ["train_dpo", "train_dro", "train_reward"],
 }
 EVAL = {
     "metric_primary": "oracle",
-    "models": {"base": {"oracle_mean": 0.50, "reward_mean": 0.1,
-                        "accuracy": {"position": {"mean": 0.3, "ci_low": 0.2, "ci_high": 0.4}}},
-               "dpo": {"oracle_mean": 0.58, "reward_mean": 0.2}, "dro": {"oracle_mean": 0.63, "reward_mean": 0.3}},
-    "win_rates": {k: {"oracle": {"rate": r, "ci_low": r - 0.05, "ci_high": r + 0.05},
-                      "reward": {"rate": r, "ci_low": r - 0.05, "ci_high": r + 0.05}}
-                  for k, r in (("dpo_vs_base", 0.6), ("dro_vs_base", 0.66), ("dro_vs_dpo", 0.55))},
-    "n_prompts": 4, "images_per_prompt": 2, "seeds": "fake",
+    "models": {
+        "base": {
+            "oracle_mean": 0.50,
+            "reward_mean": 0.1,
+            "accuracy": {"position": {"mean": 0.3, "ci_low": 0.2, "ci_high": 0.4}},
+        },
+        "dpo": {"oracle_mean": 0.58, "reward_mean": 0.2},
+        "dro": {"oracle_mean": 0.63, "reward_mean": 0.3},
+    },
+    "win_rates": {
+        k: {
+            "oracle": {"rate": r, "ci_low": r - 0.05, "ci_high": r + 0.05},
+            "reward": {"rate": r, "ci_low": r - 0.05, "ci_high": r + 0.05},
+        }
+        for k, r in (("dpo_vs_base", 0.6), ("dro_vs_base", 0.66), ("dro_vs_dpo", 0.55))
+    },
+    "n_prompts": 4,
+    "images_per_prompt": 2,
+    "seeds": "fake",
 }
 
 
@@ -61,15 +79,27 @@ def make_fake_run_stage(valid: bool):
                     _write(out / "model_index.json", "{}")
                     _write(out / "unet" / "diffusion_pytorch_model.safetensors", b"base")
                 case "validate":
-                    result = {"file": "pairs.parquet", "expectation": "expect_column_values_to_not_be_null",
-                              "columns": ["prompt"], "success": valid, "unexpected_count": 0 if valid else 3}
-                    report = {"success": valid, "results": [result],
-                              "statistics": {"successful_expectations": int(valid), "evaluated_expectations": 1}}
+                    result = {
+                        "file": "pairs.parquet",
+                        "expectation": "expect_column_values_to_not_be_null",
+                        "columns": ["prompt"],
+                        "success": valid,
+                        "unexpected_count": 0 if valid else 3,
+                    }
+                    report = {
+                        "success": valid,
+                        "results": [result],
+                        "statistics": {"successful_expectations": int(valid), "evaluated_expectations": 1},
+                    }
                     _write(reports / "validation.json", json.dumps(report))
                 case "train_reward":
                     _write(out / "model.safetensors", b"reward")
-                    _write(reports / "reward.json", json.dumps({"pairwise_accuracy": 0.8, "n_pairs": 100,
-                                                                "n_ties_excluded": 0, "bayes_accuracy": 0.85}))
+                    _write(
+                        reports / "reward.json",
+                        json.dumps(
+                            {"pairwise_accuracy": 0.8, "n_pairs": 100, "n_ties_excluded": 0, "bayes_accuracy": 0.85}
+                        ),
+                    )
                 case "train_dpo":
                     _write(out / "pytorch_lora_weights.safetensors", b"dpo lora")
                 case "train_dro":

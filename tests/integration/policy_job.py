@@ -31,8 +31,11 @@ def synthetic_features(n_images: int, n_prompts: int, text_hidden: int, seed: in
     text = torch.randn(n_prompts + 1, TEXT_TOKENS, text_hidden, generator=gen)
     shas = [f"img{i}" for i in range(n_images)]
     prompts = [f"prompt {i}" for i in range(n_prompts)]
-    return Features(latents, {s: i for i, s in enumerate(shas)}, text, {p: i for i, p in enumerate(prompts)},
-                    n_prompts), shas, prompts
+    return (
+        Features(latents, {s: i for i, s in enumerate(shas)}, text, {p: i for i, p in enumerate(prompts)}, n_prompts),
+        shas,
+        prompts,
+    )
 
 
 def tiny_unet(cfg):
@@ -80,7 +83,9 @@ def main() -> None:
 
     state = PartialState(cpu=True)
     # `accelerate launch --cpu --num_processes 2` silently runs one process: check what we really got.
-    assert state.num_processes == args.expect_processes, f"{state.num_processes} processes, expected {args.expect_processes}"
+    assert state.num_processes == args.expect_processes, (
+        f"{state.num_processes} processes, expected {args.expect_processes}"
+    )
     cfg = load_config(REPO / "params.yaml", dict(parse_override(item) for item in args.set))
     unet = train(args.method, cfg, args.checkpoints, args.step_delay)
     if state.is_main_process:

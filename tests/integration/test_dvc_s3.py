@@ -32,8 +32,11 @@ def _dvc(cwd: Path, *args: str) -> str:
 
 
 def _tree_md5(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -46,8 +49,12 @@ def s3_endpoint(monkeypatch):
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     # Credentials reach DVC only through the environment, as in production.
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
@@ -109,4 +116,3 @@ def test_data_version_names_the_md5_commit_and_s3_location(dvc_repo):
     assert version.md5.endswith(".dir")
     assert version.git_commit == _run(dvc_repo, "git", "rev-parse", "HEAD").strip()
     assert version.remote_url and version.remote_url.startswith(f"s3://{BUCKET}/dvcstore/")
-

@@ -29,16 +29,25 @@ def team_root(tmp_path):
     source = tmp_path / "data" / "source"
     source.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    lines = [{"type": "pair", "prompt": f"a product photo number {i}", "image_w": {"base64": _png(rng)},
-              "image_l": {"base64": _png(rng)}, "annotator": f"user-{i % 7}"} for i in range(40)]
+    lines = [
+        {
+            "type": "pair",
+            "prompt": f"a product photo number {i}",
+            "image_w": {"base64": _png(rng)},
+            "image_l": {"base64": _png(rng)},
+            "annotator": f"user-{i % 7}",
+        }
+        for i in range(40)
+    ]
     lines.append({"type": "pair", "prompt": "   ", "image_w": {"base64": _png(rng)}, "image_l": {"base64": _png(rng)}})
     (source / "feedback.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return tmp_path
 
 
 def _cfg(root: Path, **extra):
-    return load_config(root / "params.yaml", {"data.source": "jsonl", "validation.min_pairs": 10,
-                                              "tracking.enabled": False, **extra})
+    return load_config(
+        root / "params.yaml", {"data.source": "jsonl", "validation.min_pairs": 10, "tracking.enabled": False, **extra}
+    )
 
 
 def test_ingest_imports_the_source_folder_and_the_gate_passes(team_root):

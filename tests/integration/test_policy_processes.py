@@ -18,8 +18,13 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).with_name("policy_job.py")
-TINY = {"model.unet_channels": "[32,64]", "model.vae_channels": "[32,32]", "model.text_hidden": "32",
-        "dpo.lora.rank": "2", "dro.lora.rank": "2"}
+TINY = {
+    "model.unet_channels": "[32,64]",
+    "model.vae_channels": "[32,32]",
+    "model.text_hidden": "32",
+    "dpo.lora.rank": "2",
+    "dro.lora.rank": "2",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +40,13 @@ def job_args(out: Path, overrides: dict[str, str], *extra: str) -> list[str]:
     return [str(JOB), "--out", str(out), *sets, *extra]
 
 
-def run_job(args: list[str], *, launcher: list[str] | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+def run_job(
+    args: list[str], *, launcher: list[str] | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     cmd = [*(launcher or [sys.executable]), *args]
-    done = subprocess.run(cmd, env=env or job_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    done = subprocess.run(
+        cmd, env=env or job_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -63,8 +71,14 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
 
     checkpoints = tmp_path / "checkpoints"
     args = job_args(tmp_path / "resumed.safetensors", overrides, "--checkpoints", str(checkpoints))
-    proc = subprocess.Popen([sys.executable, *args, "--step-delay", "0.5"], env=job_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--step-delay", "0.5"],
+        env=job_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(checkpoints / "step_4", proc, timeout=240)
         os.kill(proc.pid, signal.SIGKILL)
@@ -87,18 +101,43 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("method", ["dpo", "dro"])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, method):
-    steps = {"dpo": {"dpo.steps": "4", "dpo.batch_size": "2", "dpo.checkpoint_every": "0"},
-             "dro": {"dro.steps": "3", "dro.batch_size": "2", "dro.reuse": "2", "dro.sync_every": "2",
-                     "dro.sample_steps": "3", "dro.timestep_jitter": "20", "dro.checkpoint_every": "0"}}[method]
+    steps = {
+        "dpo": {"dpo.steps": "4", "dpo.batch_size": "2", "dpo.checkpoint_every": "0"},
+        "dro": {
+            "dro.steps": "3",
+            "dro.batch_size": "2",
+            "dro.reuse": "2",
+            "dro.sync_every": "2",
+            "dro.sample_steps": "3",
+            "dro.timestep_jitter": "20",
+            "dro.checkpoint_every": "0",
+        },
+    }[method]
     # 2 processes x 2 samples x 1 micro-batch == 1 process x 2 samples x 2 micro-batches: 4 per update
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port())]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
     # --cpu with --num_processes 2 silently runs one process; --multi_gpu + ACCELERATE_USE_CPU runs two on gloo
     env = dict(job_env(), ACCELERATE_USE_CPU="true")
     two = tmp_path / "two.safetensors"
-    run_job(job_args(two, {**steps, f"{method}.grad_accum": "1"}, "--method", method, "--expect-processes", "2"),
-            launcher=launcher, env=env)
+    run_job(
+        job_args(two, {**steps, f"{method}.grad_accum": "1"}, "--method", method, "--expect-processes", "2"),
+        launcher=launcher,
+        env=env,
+    )
     one = tmp_path / "one.safetensors"
     run_job(job_args(one, {**steps, f"{method}.grad_accum": "2"}, "--method", method))
     assert max_relative_difference(one, two) <= 1e-4

@@ -61,11 +61,27 @@ def _build_demo_pairs() -> DemoSplits:
         split = "train" if i < N_TRAIN else "val" if i < N_TRAIN + N_VAL else "test"
         correct, prompt = noisy(attrs), prompt_of(attrs)
         for name in ("color", "position") * WRONG_PER_ATTRIBUTE:
-            rows.append({"pair_id": f"p{len(rows)}", "prompt": prompt, "image_w": correct,
-                         "image_l": noisy(_with_other(attrs, name, rng)), "label": 1.0, "split": split})
+            rows.append(
+                {
+                    "pair_id": f"p{len(rows)}",
+                    "prompt": prompt,
+                    "image_w": correct,
+                    "image_l": noisy(_with_other(attrs, name, rng)),
+                    "label": 1.0,
+                    "split": split,
+                }
+            )
         if i % 10 == 0:  # a tie: two correct renderings
-            rows.append({"pair_id": f"p{len(rows)}", "prompt": prompt, "image_w": correct, "image_l": noisy(attrs),
-                         "label": 0.5, "split": split})
+            rows.append(
+                {
+                    "pair_id": f"p{len(rows)}",
+                    "prompt": prompt,
+                    "image_w": correct,
+                    "image_l": noisy(attrs),
+                    "label": 0.5,
+                    "split": split,
+                }
+            )
     return DemoSplits(pd.DataFrame(rows), images, scenes[N_TRAIN + N_VAL :])
 
 
@@ -195,8 +211,9 @@ def _rankings_of(demo: DemoSplits, split: str) -> pd.DataFrame:
     rows = []
     for k, (prompt, group) in enumerate(pairs.groupby("prompt", sort=False)):
         ranked = [group.image_w.iloc[0], group.image_l.iloc[0], group.image_l.iloc[1]]
-        rows.append({"ranking_id": f"r{k}", "prompt": prompt, "images": ranked[: 2 if k % 3 == 0 else 3],
-                     "split": split})
+        rows.append(
+            {"ranking_id": f"r{k}", "prompt": prompt, "images": ranked[: 2 if k % 3 == 0 else 3], "split": split}
+        )
     return pd.DataFrame(rows)
 
 
@@ -207,11 +224,21 @@ def test_frozen_backbone_trains_only_the_top(demo: DemoSplits, single_thread: No
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert {"logit_scale", "text_projection.weight", "visual_projection.weight"} <= trainable
     assert any(name.startswith("vision_model.encoder.layers.2.") for name in trainable)
-    assert not any(name.startswith(("vision_model.encoder.layers.1.", "text_model.encoder.layers.0.",
-                                     "text_model.embeddings", "vision_model.embeddings")) for name in trainable)
+    assert not any(
+        name.startswith(
+            (
+                "vision_model.encoder.layers.1.",
+                "text_model.encoder.layers.0.",
+                "text_model.embeddings",
+                "vision_model.embeddings",
+            )
+        )
+        for name in trainable
+    )
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    train_reward_model(scorer, RewardConfig(steps=3, batch_size=32, lr=1e-2, eval_every=3), data, data, seed=0,
-                       progress=False)
+    train_reward_model(
+        scorer, RewardConfig(steps=3, batch_size=32, lr=1e-2, eval_every=3), data, data, seed=0, progress=False
+    )
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) != (name in trainable), name
 
@@ -233,8 +260,9 @@ def test_train_last_layers_config_freezes_the_backbone_for_fine_tuning_only() ->
 @pytest.mark.parametrize("loss", ["pl", "mixed"])
 def test_listwise_losses_train_and_report_ranking_metrics(demo: DemoSplits, loss: str, single_thread: None) -> None:
     def split(name: str) -> RewardData:
-        return RewardData.from_tables(demo.pairs, _rankings_of(demo, name), demo.images.__getitem__,
-                                      keep_ties=True, split=name)
+        return RewardData.from_tables(
+            demo.pairs, _rankings_of(demo, name), demo.images.__getitem__, keep_ties=True, split=name
+        )
 
     train, val = split("train"), split("val")
     assert train.ranking_mask is not None and (~train.ranking_mask).any()  # ragged
@@ -271,8 +299,16 @@ def test_contrastive_pretraining_alone_grounds_colours(single_thread: None) -> N
     train, held_out = [scenes[i] for i in order[:400]], [scenes[i] for i in order[400:460]]
     scorer = load_backbone("tiny", tokenizer=build_tokenizer(vocabulary_words()), image_size=16, seed=0)
     images = np.stack([render(a, 16, noise_sigma=float(rng.uniform(0, 20)), rng=rng) for a in train for _ in range(3)])
-    losses = pretrain_contrastive(scorer, images, [prompt_of(a) for a in train for _ in range(3)], steps=150,
-                                  batch_size=128, lr=1e-3, seed=0, progress=False)
+    losses = pretrain_contrastive(
+        scorer,
+        images,
+        [prompt_of(a) for a in train for _ in range(3)],
+        steps=150,
+        batch_size=128,
+        lr=1e-3,
+        seed=0,
+        progress=False,
+    )
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
 
     prompts = [prompt_of(a) for a in held_out]
@@ -287,16 +323,17 @@ class _Crash(RuntimeError):
 
 
 @pytest.mark.parametrize(("ema_decay", "mirror"), [(0.0, False), (0.9, True)])
-def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(demo: DemoSplits, single_thread: None,
-                                                                      tmp_path: Path, ema_decay: float,
-                                                                      mirror: bool) -> None:
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
+    demo: DemoSplits, single_thread: None, tmp_path: Path, ema_decay: float, mirror: bool
+) -> None:
     from prefalign.training.reward import latest_checkpoint
 
     def split(name: str) -> RewardData:
         return RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split=name)
 
-    cfg = RewardConfig(steps=60, batch_size=32, lr=5e-4, eval_every=20, patience=10, ema_decay=ema_decay,
-                       mirror_augment=mirror)
+    cfg = RewardConfig(
+        steps=60, batch_size=32, lr=5e-4, eval_every=20, patience=10, ema_decay=ema_decay, mirror_augment=mirror
+    )
     train, val = split("train"), split("val")
 
     def fresh() -> RewardScorer:
@@ -310,13 +347,16 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(demo: DemoSp
             raise _Crash  # the process dies between checkpoints (the last one was written at step 40)
 
     with pytest.raises(_Crash):
-        train_reward_model(fresh(), cfg, train, val, seed=0, progress=False, log_metrics=crash_after_step_45,
-                           checkpoint_dir=tmp_path)
+        train_reward_model(
+            fresh(), cfg, train, val, seed=0, progress=False, log_metrics=crash_after_step_45, checkpoint_dir=tmp_path
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["step_40"]
     resumed = fresh()
     result = train_reward_model(resumed, cfg, train, val, seed=0, progress=False, checkpoint_dir=tmp_path)
     assert result.steps_run == 60 and len(result.history["loss"]) == 60
-    for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        uninterrupted.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
     with pytest.raises(ValueError, match="different reward run"):

@@ -27,7 +27,7 @@ def ran(pipeline_root, tiny_overrides):
 
 
 def test_every_stage_writes_its_outputs(ran, pipeline_root):
-    cfg, summaries = ran
+    _, summaries = ran
     assert set(summaries) == set(STAGES)
     assert (pipeline_root / "models/base/model_index.json").is_file()
     assert (pipeline_root / "data/preferences/pairs.parquet").is_file()
@@ -51,8 +51,17 @@ def test_dpo_drops_ties_and_finished_runs_leave_no_checkpoints(ran, pipeline_roo
 
 
 def test_each_stage_records_its_mlflow_run(ran, pipeline_root):
-    for out in ("data/world", "models/base", "data/preferences", "data/features", "models/reward", "models/dpo",
-                "models/dro", "reports/eval", "reports/validation"):
+    for out in (
+        "data/world",
+        "models/base",
+        "data/preferences",
+        "data/features",
+        "models/reward",
+        "models/dpo",
+        "models/dro",
+        "reports/eval",
+        "reports/validation",
+    ):
         run = json.loads((pipeline_root / out / "run.json").read_text())
         assert run["run_id"], out
 
@@ -84,11 +93,18 @@ def test_policies_load_with_stock_diffusers(ran, pipeline_root):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_root / "models/base", safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        pipeline_root / "models/base", safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
     pipe.load_lora_weights(pipeline_root / "models/dpo")
-    image = pipe("a small red circle at the center on a black background", num_inference_steps=2, height=16, width=16,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    image = pipe(
+        "a small red circle at the center on a black background",
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert image.shape == (1, 16, 16, 3)
 
 
@@ -115,7 +131,7 @@ def test_a_non_zero_rank_trains_but_writes_no_output_and_no_run(ran, pipeline_ro
     """Under `accelerate launch` every rank runs the stage; only rank 0 may write the folder or the MLflow run."""
     import mlflow
 
-    import prefalign.stages as stages
+    from prefalign import stages
 
     cfg, summaries = ran
     out = stages.stage_out_dir(stage, cfg)
@@ -143,10 +159,16 @@ def test_sd15_preset_uses_the_local_folder_in_place(ran, pipeline_root, tmp_path
     root = tmp_path / "sd15_run"
     root.mkdir()
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    cfg = load_config(root / "params.yaml", {
-        **tiny_overrides, "model.preset": "sd15", "model.pretrained_path": "../weights/sd15", "tracking.enabled": False,
-        "paths.preferences": str(pipeline_root / "data/preferences"),
-    })
+    cfg = load_config(
+        root / "params.yaml",
+        {
+            **tiny_overrides,
+            "model.preset": "sd15",
+            "model.pretrained_path": "../weights/sd15",
+            "tracking.enabled": False,
+            "paths.preferences": str(pipeline_root / "data/preferences"),
+        },
+    )
     pointer = run_stage("pretrain_base", cfg)
     assert pointer["sha256"] == folder_fingerprint(external)["sha256"]
     assert json.loads((root / "models/base/base_model.json").read_text())["source"] == str(external.resolve())
@@ -165,8 +187,14 @@ def test_a_base_folder_that_is_not_an_sd_pipeline_is_named(tmp_path):
         check_pipeline_folder(tmp_path / "none")
     sdxl = tmp_path / "sdxl"
     sdxl.mkdir()
-    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
-                                                        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    (sdxl / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionXLPipeline",
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            }
+        )
+    )
     with pytest.raises(ValueError, match="SDXL"):
         check_pipeline_folder(sdxl)
     partial = tmp_path / "partial"
@@ -181,9 +209,25 @@ def test_bench_reward_ceiling_reads_the_pipeline_outputs(ran, pipeline_root, tmp
     import sys
 
     out, figure = tmp_path / "ceiling.json", tmp_path / "ceiling.png"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_reward_ceiling.py"), "--params",
-                    str(pipeline_root / "params.yaml"), "--seeds", "2", "--steps", "20", "--json", str(out),
-                    "--figure", str(figure)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/bench_reward_ceiling.py"),
+            "--params",
+            str(pipeline_root / "params.yaml"),
+            "--seeds",
+            "2",
+            "--steps",
+            "20",
+            "--json",
+            str(out),
+            "--figure",
+            str(figure),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     report = json.loads(out.read_text())
     reward = json.loads((pipeline_root / "reports/reward.json").read_text())
     # The same model on the same pairs as the stage's report.
@@ -201,11 +245,30 @@ def test_bench_efficacy_trains_every_variant_per_seed(ran, pipeline_root, tiny_o
     import sys
 
     out, figure = tmp_path / "efficacy.json", tmp_path / "efficacy.png"
-    sets = [arg for k, v in tiny_overrides.items() if k.split(".")[0] in ("dpo", "dro", "eval")
-            for arg in ("-S", f"{k}={v}")]
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_efficacy.py"), "--params",
-                    str(pipeline_root / "params.yaml"), "--seeds", "0,1", "--json", str(out), "--figure", str(figure),
-                    *sets], check=True, capture_output=True, timeout=600)
+    sets = [
+        arg
+        for k, v in tiny_overrides.items()
+        if k.split(".")[0] in ("dpo", "dro", "eval")
+        for arg in ("-S", f"{k}={v}")
+    ]
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/bench_efficacy.py"),
+            "--params",
+            str(pipeline_root / "params.yaml"),
+            "--seeds",
+            "0,1",
+            "--json",
+            str(out),
+            "--figure",
+            str(figure),
+            *sets,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     report = json.loads(out.read_text())
     assert set(report["models"]) == {"base", "dpo", "sft_experts", "dro_base", "dro_dpo"}
     assert set(report["models"]["dpo"]["per_seed"]) == {"0", "1"}
@@ -223,8 +286,23 @@ def test_bench_efficacy_rejects_an_unknown_variant_before_training(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_efficacy.py"), "--variants", "dpo,ppo",
-                           "--params", str(tmp_path / "absent.yaml")], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/bench_efficacy.py"),
+            "--variants",
+            "dpo,ppo",
+            "--params",
+            str(tmp_path / "absent.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].endswith("unknown variant 'ppo' in --variants; known: "
-                                                         "base,dpo,sft_experts,dro_base,dro_dpo")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("unknown variant 'ppo' in --variants; known: base,dpo,sft_experts,dro_base,dro_dpo")
+    )

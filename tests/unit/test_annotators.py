@@ -59,9 +59,12 @@ def test_expected_accuracy_by_hand():
     oracle_w, oracle_l = [0.58, 0.58, 0.58, 0.5], [0.5, 0.5, 0.5, 0.5]
     model_w, model_l = [2.0, -1.0, 0.3, 5.0], [1.0, 1.0, 0.3, 0.0]
     assert expected_accuracy(model_w[:1], model_l[:1], oracle_w[:1], oracle_l[:1], tau=0.08) == pytest.approx(s1)
-    assert expected_accuracy(model_w[1:2], model_l[1:2], oracle_w[1:2], oracle_l[1:2], tau=0.08) == pytest.approx(1 - s1)
+    assert expected_accuracy(model_w[1:2], model_l[1:2], oracle_w[1:2], oracle_l[1:2], tau=0.08) == pytest.approx(
+        1 - s1
+    )
     assert expected_accuracy(model_w, model_l, oracle_w, oracle_l, tau=0.08) == pytest.approx(
-        (s1 + (1 - s1) + 0.5 + 0.5) / 4)
+        (s1 + (1 - s1) + 0.5 + 0.5) / 4
+    )
     assert np.isnan(expected_accuracy([], [], [], [], tau=0.08))
 
 
@@ -69,7 +72,8 @@ def test_expected_accuracy_of_the_oracle_is_the_bayes_rate_and_matches_fresh_lab
     rng = np.random.default_rng(2)
     oracle_w, oracle_l = rng.random(4000), rng.random(4000)
     assert expected_accuracy(oracle_w, oracle_l, oracle_w, oracle_l, tau=0.08) == pytest.approx(
-        bayes_accuracy(oracle_w, oracle_l, tau=0.08))
+        bayes_accuracy(oracle_w, oracle_l, tau=0.08)
+    )
     # A noisy model, scored against many fresh annotator draws: the mean hit rate converges to it.
     model_w, model_l = oracle_w + rng.normal(0, 0.1, 4000), oracle_l + rng.normal(0, 0.1, 4000)
     hits = [np.mean((model_w > model_l) == annotate(oracle_w, oracle_l, tau=0.08, rng=rng)) for _ in range(50)]

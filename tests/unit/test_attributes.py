@@ -82,8 +82,10 @@ def test_one_changed_attribute_reads_wrong_alone(attr):
     for name in ATTRIBUTES:
         expected = name != attr and name != "all"
         off = np.where(correct[name] != expected)[0]
-        assert not len(off), f"{name} {'wrong' if expected else 'right'} on {len(off)} of {len(changed)}, e.g. " + \
-            "; ".join(f"{prompts[i]!r} drawn as {prompt_of(changed[i])!r}" for i in off[:3])
+        assert not len(off), (
+            f"{name} {'wrong' if expected else 'right'} on {len(off)} of {len(changed)}, e.g. "
+            + "; ".join(f"{prompts[i]!r} drawn as {prompt_of(changed[i])!r}" for i in off[:3])
+        )
 
 
 def test_noisy_renderings_read_right():
@@ -109,11 +111,16 @@ def test_blurred_noisy_renderings_read_right():
     assert correct["shape"][rest].mean() >= 0.99, f"shape: {correct['shape'][rest].mean():.4f}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "oracle limitation, not the reading rule: a blurred small triangle's purest pixel is 7/9 object, the oracle "
-    "normalises coverage by that blended colour and clips it, and the blob then matches the circle best (soft IoU "
-    "circle 0.81, triangle 0.68 on a clean blurred one; the oracle's own shape term is 0.32). Blurred small circles "
-    "flip to square under noise. Measured shape accuracy: small triangles 0.004, small circles 0.60"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "oracle limitation, not the reading rule: a blurred small triangle's purest pixel is 7/9 object, the oracle "
+        "normalises coverage by that blended colour and clips it, and the blob then matches the circle best "
+        "(soft IoU circle 0.81, triangle 0.68 on a clean blurred one; the oracle's own shape term is 0.32). "
+        "Blurred small circles flip to square under noise. "
+        "Measured shape accuracy: small triangles 0.004, small circles 0.60"
+    ),
+)
 def test_blurred_small_circles_and_triangles_read_their_shape():
     images = _noisy(SCENES, blur=True, draws=3, key="attr-blur")
     correct = attribute_correctness(PROMPTS * 3, images)
@@ -138,12 +145,15 @@ def test_empty_batch():
     assert all(v.shape == (0,) for v in correct.values())
 
 
-@pytest.mark.parametrize(("shape", "match"), [
-    ((2, 16, 12, 3), r"\(N, S, S, 3\), got shape \(2, 16, 12, 3\)"),
-    ((2, 16, 16, 4), r"\(N, S, S, 3\), got shape \(2, 16, 16, 4\)"),
-    ((2, 16, 16), r"got shape \(2, 16, 16\)"),
-    ((16, 16, 3), r"got shape \(16, 16, 3\)"),
-])
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((2, 16, 12, 3), r"\(N, S, S, 3\), got shape \(2, 16, 12, 3\)"),
+        ((2, 16, 16, 4), r"\(N, S, S, 3\), got shape \(2, 16, 16, 4\)"),
+        ((2, 16, 16), r"got shape \(2, 16, 16\)"),
+        ((16, 16, 3), r"got shape \(16, 16, 3\)"),
+    ],
+)
 def test_bad_shapes_raise(shape, match):
     with pytest.raises(ValueError, match=match):
         attribute_correctness(PROMPTS[:2], np.zeros(shape, np.uint8))

@@ -75,9 +75,23 @@ def test_variants_run_in_their_own_processes(tmp_path):
     """The real path: one interpreter per variant, memory read from each child's rusage (~10-20 s)."""
     out = tmp_path / "bench.json"
     subprocess.run(
-        [sys.executable, str(BENCH), *DEMO_ARGS, "--warmup", "0", "--no-flops", "--variants", "ours", "original",
-         "--json", str(out)],
-        check=True, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(BENCH),
+            *DEMO_ARGS,
+            "--warmup",
+            "0",
+            "--no-flops",
+            "--variants",
+            "ours",
+            "original",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = json.loads(out.read_text())
     assert report["memory_isolated"] is True

@@ -84,7 +84,10 @@ def test_dedupe_pairs_appends_only_new_ids():
 @pytest.mark.parametrize(
     ("prompt", "mirrored"),
     [
-        ("a small red circle at the top left on a blue background", "a small red circle at the top right on a blue background"),
+        (
+            "a small red circle at the top left on a blue background",
+            "a small red circle at the top right on a blue background",
+        ),
         ("Left of the leftover RIGHT tree, bright", "Right of the leftover LEFT tree, bright"),
         ("a dog at the center", "a dog at the center"),
     ],

@@ -13,9 +13,16 @@ def tiny_unet():
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=16,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=16,
     )
 
 
@@ -52,7 +59,9 @@ def test_winner_and_loser_share_noise_and_timestep():
     lat = torch.randn(2, 4, 8, 8)
     t, noise = keyed_timesteps_and_noise([5, 6], seed=0, purpose="dpo", shape=(4, 8, 8))
     # identical winner and loser latents: shared (t, noise) makes their errors identical
-    err_w, err_l, ref_w, ref_l = pair_denoising_errors(unet, make_scheduler(), lat, lat.clone(), torch.randn(2, 5, 16), t, noise)
+    err_w, err_l, ref_w, ref_l = pair_denoising_errors(
+        unet, make_scheduler(), lat, lat.clone(), torch.randn(2, 5, 16), t, noise
+    )
     torch.testing.assert_close(err_w, err_l)
     torch.testing.assert_close(ref_w, ref_l)
 
@@ -86,7 +95,12 @@ def test_wrapped_policy_forward_keeps_the_reference_gradient_free_and_trains_onl
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     # DRO's layout: experts then policy states in one forward
-    noisy, t, cond, target = torch.randn(4, 4, 8, 8), torch.tensor([10, 500, 10, 500]), torch.randn(4, 5, 16), torch.randn(4, 4, 8, 8)
+    noisy, t, cond, target = (
+        torch.randn(4, 4, 8, 8),
+        torch.tensor([10, 500, 10, 500]),
+        torch.randn(4, 5, 16),
+        torch.randn(4, 4, 8, 8),
+    )
     err, ref_err = policy_and_reference_errors(ForwardOnly(unet), unet, noisy, t, cond, target)
     assert err.requires_grad and not ref_err.requires_grad
     assert not torch.allclose(err, ref_err)

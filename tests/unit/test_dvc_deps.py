@@ -37,7 +37,8 @@ def _module_name(path: Path, src: Path) -> str:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imported_modules(path: Path, src: Path) -> set[str]:
@@ -104,8 +105,11 @@ def test_dvc_deps_cover_the_stage_code(stage):
 def test_dvc_source_deps_are_stage_code(stage):
     """A source dep that is missing or outside the closure reruns the stage for nothing (or never matches)."""
     closure = import_closure(f"prefalign.stages.{stage}")
-    extra = [d for d in STAGES[stage].get("deps", []) if str(d).startswith("src/")
-             and not any(_covered(p, [str(d)]) for p in closure)]
+    extra = [
+        d
+        for d in STAGES[stage].get("deps", [])
+        if str(d).startswith("src/") and not any(_covered(p, [str(d)]) for p in closure)
+    ]
     assert not extra, f"dvc.yaml stage {stage!r} depends on source it never runs (or that does not exist): {extra}"
 
 
@@ -117,11 +121,17 @@ def test_closure_follows_lazy_and_relative_imports(tmp_path):
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "a.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from prefalign import hidden\n"
-        "def f():\n    from . import b\n    from prefalign.c import thing\n")
+        "def f():\n    from . import b\n    from prefalign.c import thing\n"
+    )
     for name in ("b", "hidden"):
         (pkg / "sub" / f"{name}.py").write_text("")
     (pkg / "hidden.py").write_text("")
     (pkg / "c.py").write_text("thing = 1\n")
     names = {str(p.relative_to(tmp_path)) for p in import_closure("prefalign.sub.a", src=tmp_path)}
-    assert names == {"prefalign/__init__.py", "prefalign/sub/__init__.py", "prefalign/sub/a.py",
-                     "prefalign/sub/b.py", "prefalign/c.py"}
+    assert names == {
+        "prefalign/__init__.py",
+        "prefalign/sub/__init__.py",
+        "prefalign/sub/a.py",
+        "prefalign/sub/b.py",
+        "prefalign/c.py",
+    }

@@ -22,8 +22,12 @@ def test_ties_count_half():
     a = np.r_[np.ones(32), np.full(32, 0.5)]
     b = np.r_[np.zeros(32), np.full(32, 0.5 + 1e-12)]  # within tie_tol
     assert win_rate(a, b, IDS, n_boot=200)["rate"] == pytest.approx(0.75)
-    half_ties = win_rate(np.r_[np.ones(16), np.zeros(16), np.full(32, 0.3)],
-                         np.r_[np.zeros(16), np.ones(16), np.full(32, 0.3)], IDS, n_boot=200)
+    half_ties = win_rate(
+        np.r_[np.ones(16), np.zeros(16), np.full(32, 0.3)],
+        np.r_[np.zeros(16), np.ones(16), np.full(32, 0.3)],
+        IDS,
+        n_boot=200,
+    )
     assert half_ties["rate"] == pytest.approx(0.5)
     assert not beats(half_ties)
     all_ties = win_rate(np.full(64, 0.4), np.full(64, 0.4), IDS, n_boot=200)

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-import prefalign.evaluation.report as report
 from prefalign.config import PipelineConfig
 from prefalign.data.prepare import assign_split
-from prefalign.models.sampling import eval_grid
+from prefalign.evaluation import report
 from prefalign.evaluation.report import check_grid, grid_prompts, summarize
+from prefalign.models.sampling import eval_grid
 from prefalign.seeding import numpy_rng
 from prefalign.world.attributes import ATTRIBUTES, attribute_correctness
 from prefalign.world.grammar import all_attributes, corrupt, parse_prompt, prompt_of
@@ -76,8 +76,10 @@ def test_check_grid_names_grid_seeds():
     assert check_grid(PipelineConfig(), TEST_PROMPTS) == grid_prompts(TEST_PROMPTS, 12, 0)
 
 
-@pytest.mark.parametrize(("overrides", "key"), [({"grid_prompts": 5}, "eval.grid_prompts"),
-                                                ({"grid_prompts": 2, "grid_seeds": 9}, "eval.grid_seeds")])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [({"grid_prompts": 5}, "eval.grid_prompts"), ({"grid_prompts": 2, "grid_seeds": 9}, "eval.grid_seeds")],
+)
 def test_grid_errors_come_before_any_generation(monkeypatch, tmp_path, overrides, key):
     def no_generation(*args, **kwargs):
         raise AssertionError("generated images before checking the grid config")
@@ -119,8 +121,9 @@ def test_identical_models_have_zero_accuracy_delta():
     prompts = TEST_PROMPTS[:8]
     flat, prompt_ids, images, scores = _synthetic_eval(prompts, 2)
     same = attribute_correctness(flat, images["base"])
-    out = summarize({m: scores["base"] for m in MODELS}, prompt_ids, n_boot=100, seed=0,
-                    correctness={m: same for m in MODELS})
+    out = summarize(
+        {m: scores["base"] for m in MODELS}, prompt_ids, n_boot=100, seed=0, correctness={m: same for m in MODELS}
+    )
     for key in ("dpo_vs_base", "dro_vs_base"):
         for result in out["accuracy_delta"][key].values():
             assert result == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
@@ -148,7 +151,7 @@ def test_wrong_marks():
 def test_evaluate_policies_on_synthetic_images(monkeypatch, tmp_path):
     prompts = TEST_PROMPTS[:16]
     cfg = PipelineConfig(eval={"images_per_prompt": 3, "bootstrap": 100, "grid_prompts": 6, "grid_seeds": 2})
-    flat, prompt_ids, images, scores = _synthetic_eval(prompts, 3)
+    _, prompt_ids, images, scores = _synthetic_eval(prompts, 3)
     monkeypatch.setattr(report, "test_prompts", lambda cfg: prompts)
     monkeypatch.setattr(report, "score_models", lambda cfg, p: (scores, prompt_ids, images))
     tracker = RecordingTracker()

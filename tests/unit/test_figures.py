@@ -42,15 +42,20 @@ def test_image_grid(tmp_path):
 
 def test_loss_curve(tmp_path):
     rng = np.random.default_rng(0)
-    history = {"loss": list(0.7 * np.exp(-np.arange(200) / 80) + rng.normal(0, 0.03, 200)),
-               "implicit_acc": list(rng.random(200)), "empty": []}
+    history = {
+        "loss": list(0.7 * np.exp(-np.arange(200) / 80) + rng.normal(0, 0.03, 200)),
+        "implicit_acc": list(rng.random(200)),
+        "empty": [],
+    }
     _check_png(loss_curve(history, tmp_path / "loss.png", title="dpo"))
     _check_png(loss_curve({}, tmp_path / "none.png", title="nothing yet"), min_bytes=1000)
 
 
 def test_win_rate_bars(tmp_path):
-    rates = {"dpo_vs_base (oracle)": {"rate": 0.62, "ci_low": 0.55, "ci_high": 0.69, "n": 256},
-             "dro_vs_base (oracle)": {"rate": 0.48, "ci_low": 0.41, "ci_high": 0.55, "n": 256}}
+    rates = {
+        "dpo_vs_base (oracle)": {"rate": 0.62, "ci_low": 0.55, "ci_high": 0.69, "n": 256},
+        "dro_vs_base (oracle)": {"rate": 0.48, "ci_low": 0.41, "ci_high": 0.55, "n": 256},
+    }
     _check_png(win_rate_bars(rates, tmp_path / "wr.png", title="win rates"))
 
 
@@ -77,8 +82,13 @@ def test_loss_curve_places_sparse_series_at_their_steps(tmp_path):
 
 
 def test_accuracy_bars(tmp_path):
-    out = accuracy_bars({"reward model": [0.681], "perception ceiling": [0.694, 0.699, 0.701]},
-                        tmp_path / "acc.png", title="reward accuracy", reference=0.728, target=0.698)
+    out = accuracy_bars(
+        {"reward model": [0.681], "perception ceiling": [0.694, 0.699, 0.701]},
+        tmp_path / "acc.png",
+        title="reward accuracy",
+        reference=0.728,
+        target=0.698,
+    )
     png = _check_png(out)
     assert png.width > png.height
 
@@ -88,8 +98,10 @@ def _accuracy(models=("base", "dpo", "dro"), attrs=("found", "color", "position"
     out = {}
     for m in models:
         means = rng.random(len(attrs))
-        out[m] = {a: {"mean": v, "ci_low": max(v - 0.1, 0.0), "ci_high": min(v + 0.1, 1.0)}
-                  for a, v in zip(attrs, means, strict=True)}
+        out[m] = {
+            a: {"mean": v, "ci_low": max(v - 0.1, 0.0), "ci_high": min(v + 0.1, 1.0)}
+            for a, v in zip(attrs, means, strict=True)
+        }
     return out
 
 
@@ -108,10 +120,19 @@ def test_comparison_grid(tmp_path):
     prompts, seeds, models = 5, 2, 3
     images = render_batch(all_attributes()[: prompts * seeds * models], 16).reshape(prompts, seeds, models, 16, 16, 3)
     captions = [[[f"{0.1 * (p + s + m):.2f}" for m in range(models)] for s in range(seeds)] for p in range(prompts)]
-    marks = [[["" if m else "\u2717col \u2717pos\n\u2717size" for m in range(models)] for s in range(seeds)]
-             for p in range(prompts)]
-    out = comparison_grid(images, [f"prompt {p}" for p in range(prompts)], ["base", "dpo", "dro"],
-                          tmp_path / "cmp.png", captions=captions, marks=marks, title="two lines\nof title")
+    marks = [
+        [["" if m else "\u2717col \u2717pos\n\u2717size" for m in range(models)] for s in range(seeds)]
+        for p in range(prompts)
+    ]
+    out = comparison_grid(
+        images,
+        [f"prompt {p}" for p in range(prompts)],
+        ["base", "dpo", "dro"],
+        tmp_path / "cmp.png",
+        captions=captions,
+        marks=marks,
+        title="two lines\nof title",
+    )
     png = _check_png(out)
     # Two column groups of 2 seeds x 3 models, each tile upscaled 5x (80 px): at least 12 tiles wide, 3 rows high.
     assert png.width >= 12 * 80 and png.height >= 3 * 80

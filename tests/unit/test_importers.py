@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -78,26 +78,62 @@ def bomb_png() -> bytes:
     return buffer.getvalue()
 
 
-def pick_row(caption, jpg_0: bytes | None, jpg_1: bytes | None, label_0=1.0, label_1=0.0, *, has_label=True,
-             user_id=RAW_USER_ID, created_at=datetime(2023, 5, 1, 12, 30)) -> dict:
+def pick_row(
+    caption,
+    jpg_0: bytes | None,
+    jpg_1: bytes | None,
+    label_0=1.0,
+    label_1=0.0,
+    *,
+    has_label=True,
+    user_id=RAW_USER_ID,
+    created_at=datetime(2023, 5, 1, 12, 30),
+) -> dict:
     """One row with the columns of a published Pick-a-Pic v2 shard."""
     return {
-        "are_different": jpg_0 != jpg_1, "best_image_uid": "uid-0", "caption": caption,
-        "created_at": created_at, "has_label": has_label, "image_0_uid": "uid-0", "image_0_url": "https://x/0",
-        "image_1_uid": "uid-1", "image_1_url": "https://x/1", "jpg_0": jpg_0, "jpg_1": jpg_1,
-        "label_0": label_0, "label_1": label_1, "model_0": "sd-a", "model_1": "sd-b",
-        "ranking_id": 1, "user_id": user_id, "num_example_per_prompt": 1,
+        "are_different": jpg_0 != jpg_1,
+        "best_image_uid": "uid-0",
+        "caption": caption,
+        "created_at": created_at,
+        "has_label": has_label,
+        "image_0_uid": "uid-0",
+        "image_0_url": "https://x/0",
+        "image_1_uid": "uid-1",
+        "image_1_url": "https://x/1",
+        "jpg_0": jpg_0,
+        "jpg_1": jpg_1,
+        "label_0": label_0,
+        "label_1": label_1,
+        "model_0": "sd-a",
+        "model_1": "sd-b",
+        "ranking_id": 1,
+        "user_id": user_id,
+        "num_example_per_prompt": 1,
     }
 
 
-PICK_SCHEMA = pa.schema([
-    ("are_different", pa.bool_()), ("best_image_uid", pa.string()), ("caption", pa.string()),
-    ("created_at", pa.timestamp("ns")), ("has_label", pa.bool_()), ("image_0_uid", pa.string()),
-    ("image_0_url", pa.string()), ("image_1_uid", pa.string()), ("image_1_url", pa.string()),
-    ("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("label_0", pa.float64()), ("label_1", pa.float64()),
-    ("model_0", pa.string()), ("model_1", pa.string()), ("ranking_id", pa.int64()), ("user_id", pa.int64()),
-    ("num_example_per_prompt", pa.int64()),
-])
+PICK_SCHEMA = pa.schema(
+    [
+        ("are_different", pa.bool_()),
+        ("best_image_uid", pa.string()),
+        ("caption", pa.string()),
+        ("created_at", pa.timestamp("ns")),
+        ("has_label", pa.bool_()),
+        ("image_0_uid", pa.string()),
+        ("image_0_url", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("image_1_url", pa.string()),
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+        ("ranking_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("num_example_per_prompt", pa.int64()),
+    ]
+)
 
 
 def write_shard(path: Path, rows: list[dict], *, drop: tuple[str, ...] = (), row_group_size: int = 4) -> Path:
@@ -111,8 +147,9 @@ def write_shard(path: Path, rows: list[dict], *, drop: tuple[str, ...] = (), row
 
 def good_rows(start: int, n: int) -> list[dict]:
     """n clean strict pairs with distinct prompts and images."""
-    return [pick_row(f"prompt number {i}", colour_jpeg(2 * i), colour_jpeg(2 * i + 1))
-            for i in range(start, start + n)]
+    return [
+        pick_row(f"prompt number {i}", colour_jpeg(2 * i), colour_jpeg(2 * i + 1)) for i in range(start, start + n)
+    ]
 
 
 def run(fmt: str, input_path: Path, out: Path, cfg):
@@ -120,8 +157,12 @@ def run(fmt: str, input_path: Path, out: Path, cfg):
 
 
 def tables(out: Path) -> dict[str, pd.DataFrame]:
-    schemas = {"pairs": PAIRS_SCHEMA, "rankings": RANKINGS_SCHEMA, "feedback": FEEDBACK_SCHEMA,
-               "quarantine": QUARANTINE_SCHEMA}
+    schemas = {
+        "pairs": PAIRS_SCHEMA,
+        "rankings": RANKINGS_SCHEMA,
+        "feedback": FEEDBACK_SCHEMA,
+        "quarantine": QUARANTINE_SCHEMA,
+    }
     return {name: read_table(out / f"{name}.parquet", s) for name, s in schemas.items()}
 
 
@@ -144,26 +185,26 @@ def test_pickapic_winners_ties_and_one_quarantine_row_per_bad_row(tmp_path, cfg,
     palette.save(buffer, format="PNG")
     palette_png = buffer.getvalue()
     rows = [
-        pick_row("a red cube", red, green, 1.0, 0.0),                          # 0 jpg_0 wins
-        pick_row("a green cube", red, green, 0.0, 1.0),                        # 1 jpg_1 wins
-        pick_row("a blue cube", blue, white, 0.5, 0.5),                        # 2 tie
+        pick_row("a red cube", red, green, 1.0, 0.0),  # 0 jpg_0 wins
+        pick_row("a green cube", red, green, 0.0, 1.0),  # 1 jpg_1 wins
+        pick_row("a blue cube", blue, white, 0.5, 0.5),  # 2 tie
         pick_row("unjudged", red, blue, float("nan"), float("nan"), has_label=False),  # 3 skipped
-        pick_row("a broken file", truncated, red),                             # 4 corrupt JPEG
-        pick_row("a red cube", red, green, 1.0, 0.0),                          # 5 duplicate of row 0
-        pick_row("no label", red, blue, float("nan"), float("nan")),           # 6 NaN labels
-        pick_row("two winners", red, blue, 1.0, 1.0),                          # 7 sum != 1
-        pick_row("odd label", red, blue, 0.3, 0.7),                            # 8 outside {0, 0.5, 1}
-        pick_row("same picture", red, red),                                    # 9 identical images
-        pick_row("", red, blue),                                               # 10 empty prompt
-        pick_row("  \n\t ", red, blue),                                        # 11 whitespace prompt
-        pick_row("x" * 10_000, red, blue),                                     # 12 too long
-        pick_row("un chat 🐱 sur un café ☕ 猫", green, blue),                  # 13 emoji: valid
-        pick_row("gray versus cmyk", gray, cmyk, 1.0, 0.0),                    # 14 converted
-        pick_row("rgba versus palette", rgba, palette_png, 0.0, 1.0),          # 15 converted
-        pick_row("a bomb", red, bomb_png),                                     # 16 decompression bomb
-        pick_row("a speck", encode((1, 2, 3), size=(4, 4)), red),              # 17 too small
-        pick_row("not a picture", b"definitely not an image", red),            # 18 not an image
-        pick_row("   a padded prompt  ", white, green),                        # 19 prompt stripped
+        pick_row("a broken file", truncated, red),  # 4 corrupt JPEG
+        pick_row("a red cube", red, green, 1.0, 0.0),  # 5 duplicate of row 0
+        pick_row("no label", red, blue, float("nan"), float("nan")),  # 6 NaN labels
+        pick_row("two winners", red, blue, 1.0, 1.0),  # 7 sum != 1
+        pick_row("odd label", red, blue, 0.3, 0.7),  # 8 outside {0, 0.5, 1}
+        pick_row("same picture", red, red),  # 9 identical images
+        pick_row("", red, blue),  # 10 empty prompt
+        pick_row("  \n\t ", red, blue),  # 11 whitespace prompt
+        pick_row("x" * 10_000, red, blue),  # 12 too long
+        pick_row("un chat 🐱 sur un café ☕ 猫", green, blue),  # 13 emoji: valid
+        pick_row("gray versus cmyk", gray, cmyk, 1.0, 0.0),  # 14 converted
+        pick_row("rgba versus palette", rgba, palette_png, 0.0, 1.0),  # 15 converted
+        pick_row("a bomb", red, bomb_png),  # 16 decompression bomb
+        pick_row("a speck", encode((1, 2, 3), size=(4, 4)), red),  # 17 too small
+        pick_row("not a picture", b"definitely not an image", red),  # 18 not an image
+        pick_row("   a padded prompt  ", white, green),  # 19 prompt stripped
     ]
     shard = write_shard(tmp_path / "in" / "train-000.parquet", rows)
     out = tmp_path / "out"
@@ -172,9 +213,15 @@ def test_pickapic_winners_ties_and_one_quarantine_row_per_bad_row(tmp_path, cfg,
     assert summary.read == 20 and summary.files_read == 1 and summary.files_unreadable == 0
     assert summary.imported == {"pairs": 7, "rankings": 0, "feedback": 0}
     assert (summary.duplicates, summary.ties, summary.skipped, summary.quarantined) == (1, 1, 1, 11)
-    assert summary.reasons == {"empty prompt": 2, "identical images": 1, "image too large": 1,
-                               "image too small": 1, "invalid label": 3, "prompt too long": 1,
-                               "unreadable image": 2}
+    assert summary.reasons == {
+        "empty prompt": 2,
+        "identical images": 1,
+        "image too large": 1,
+        "image too small": 1,
+        "invalid label": 3,
+        "prompt too long": 1,
+        "unreadable image": 2,
+    }
     assert summary.exit_code == 0
 
     reasons = quarantine_by_row(out)
@@ -204,8 +251,10 @@ def test_pickapic_winners_ties_and_one_quarantine_row_per_bad_row(tmp_path, cfg,
     assert set(pairs["source"]) == {"pickapic"}
 
     store = ImageStore(out)
-    for prompt, expected in (("gray versus cmyk", [(128, 128, 128), (255, 0, 0)]),
-                             ("rgba versus palette", [(10, 200, 30), (0, 0, 255)])):
+    for prompt, expected in (
+        ("gray versus cmyk", [(128, 128, 128), (255, 0, 0)]),
+        ("rgba versus palette", [(10, 200, 30), (0, 0, 255)]),
+    ):
         for column, colour in zip(("image_w", "image_l"), expected, strict=True):
             stored = store.path(pairs.loc[prompt, column])
             assert stored.suffix == ".png" and sha(stored.read_bytes()) == pairs.loc[prompt, column]
@@ -268,7 +317,7 @@ def test_shard_damaged_midway_keeps_the_rows_before_and_quarantines_the_rest(tmp
     shard = write_shard(tmp_path / "s.parquet", good_rows(0, 3 * BATCH_ROWS), row_group_size=BATCH_ROWS)
     damaged = bytearray(shard.read_bytes())
     third_group = pq.ParquetFile(shard).metadata.row_group(2).column(0).data_page_offset
-    damaged[third_group:third_group + 600] = b"\xab" * 600
+    damaged[third_group : third_group + 600] = b"\xab" * 600
     shard.write_bytes(bytes(damaged))
     out = tmp_path / "out"
     summary = run("pickapic", shard, out, cfg)
@@ -281,8 +330,11 @@ def test_shard_damaged_midway_keeps_the_rows_before_and_quarantines_the_rest(tmp
 
 
 def test_reimport_adds_nothing_and_a_new_shard_appends_only_new_pairs(tmp_path, cfg):
-    bad_rows = [pick_row("", colour_jpeg(1), colour_jpeg(2)), pick_row("junk", b"junk", colour_jpeg(2)),
-                pick_row("cut", noise_jpeg()[:600], colour_jpeg(2))]
+    bad_rows = [
+        pick_row("", colour_jpeg(1), colour_jpeg(2)),
+        pick_row("junk", b"junk", colour_jpeg(2)),
+        pick_row("cut", noise_jpeg()[:600], colour_jpeg(2)),
+    ]
     first = write_shard(tmp_path / "a.parquet", good_rows(0, 4) + bad_rows)
     out = tmp_path / "out"
     run("pickapic", first, out, cfg)
@@ -354,8 +406,11 @@ def test_hpd_rank_and_human_preference_records(tmp_path, cfg):
     pairs = written["pairs"]
     by_prompt = {p: set(zip(g.image_w, g.image_l, g.label, strict=True)) for p, g in pairs.groupby("prompt")}
     assert by_prompt["ranked"] == {(shas[1], shas[0], 1.0), (shas[0], shas[2], 1.0), (shas[1], shas[2], 1.0)}
-    assert by_prompt["ranked with a tie"] == {(shas[0], shas[1], 0.5), (shas[0], shas[2], 1.0),
-                                              (shas[1], shas[2], 1.0)}
+    assert by_prompt["ranked with a tie"] == {
+        (shas[0], shas[1], 0.5),
+        (shas[0], shas[2], 1.0),
+        (shas[1], shas[2], 1.0),
+    }
     assert by_prompt["preferred"] == {(shas[1], shas[0], 1.0)}
     assert by_prompt["preferred of three"] == {(shas[1], shas[2], 1.0), (shas[1], shas[3], 1.0)}
     ranked = pairs[pairs.prompt == "ranked"]
@@ -384,8 +439,9 @@ def test_hpd_paths_outside_the_folder_are_never_read(tmp_path, cfg, monkeypatch)
 
     opened: list[Path] = []
     real_put_file = ImageIngest.put_file
-    monkeypatch.setattr(ImageIngest, "put_file", lambda self, path, what: opened.append(path)
-                        or real_put_file(self, path, what))
+    monkeypatch.setattr(
+        ImageIngest, "put_file", lambda self, path, what: opened.append(path) or real_put_file(self, path, what)
+    )
     out = tmp_path / "out"
     summary = run("hpd", json_file, out, cfg)
 
@@ -419,14 +475,21 @@ def test_jsonl_records_paths_base64_and_bad_lines(tmp_path, cfg):
     inline = encode((3, 200, 100), fmt="PNG")
     b64 = base64.b64encode(inline).decode()
     lines = [
-        {"type": "pair", "prompt": "paths", "image_w": "img/0.jpg", "image_l": {"path": "img/1.jpg"},
-         "annotator": "alice@example.com", "model_w": "m1", "created_at": "2024-02-03T04:05:06+02:00"},
+        {
+            "type": "pair",
+            "prompt": "paths",
+            "image_w": "img/0.jpg",
+            "image_l": {"path": "img/1.jpg"},
+            "annotator": "alice@example.com",
+            "model_w": "m1",
+            "created_at": "2024-02-03T04:05:06+02:00",
+        },
         {"type": "pair", "prompt": "inline", "image_w": {"base64": b64}, "image_l": "img/2.jpg", "label": 0.5},
         {"type": "ranking", "prompt": "ranked", "images": ["img/3.jpg", "img/0.jpg", {"base64": b64}]},
         {"type": "feedback", "prompt": "liked", "image": "img/1.jpg", "desirable": True},
-        {"type": "pair", "prompt": "no loser", "image_w": "img/0.jpg"},                       # schema
+        {"type": "pair", "prompt": "no loser", "image_w": "img/0.jpg"},  # schema
         {"type": "pair", "prompt": "typo", "image_w": "img/0.jpg", "image_l": "img/1.jpg", "lable": 0.5},
-        {"type": "vote", "prompt": "unknown type"},                                          # schema
+        {"type": "vote", "prompt": "unknown type"},  # schema
         {"type": "pair", "prompt": "bad b64", "image_w": {"base64": "!!!"}, "image_l": "img/1.jpg"},
         {"type": "pair", "prompt": "paths", "image_w": "img/0.jpg", "image_l": "img/1.jpg"},  # duplicate
     ]
@@ -468,8 +531,21 @@ def test_jsonl_of_only_bad_lines_imports_nothing(tmp_path, cfg):
 
     from prefalign.cli import app
 
-    result = CliRunner().invoke(app, ["data", "import", "--format", "jsonl", "--input", str(log_file), "--output",
-                                      str(tmp_path / "out"), "--params", str(PARAMS)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "import",
+            "--format",
+            "jsonl",
+            "--input",
+            str(log_file),
+            "--output",
+            str(tmp_path / "out"),
+            "--params",
+            str(PARAMS),
+        ],
+    )
     assert result.exit_code == 1 and "nothing imported" in result.stderr
 
 
@@ -479,8 +555,18 @@ def test_cli_import_prints_the_summary_and_exits_0(tmp_path):
 
     shard = write_shard(tmp_path / "s.parquet", good_rows(0, 3))
     out = tmp_path / "out"
-    args = ["data", "import", "--format", "pickapic", "--input", str(shard), "--output", str(out),
-            "--params", str(PARAMS)]
+    args = [
+        "data",
+        "import",
+        "--format",
+        "pickapic",
+        "--input",
+        str(shard),
+        "--output",
+        str(out),
+        "--params",
+        str(PARAMS),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     first_line, _, rest = result.stdout.partition("\n")
@@ -496,8 +582,21 @@ def test_cli_missing_input_exits_2_with_one_line(tmp_path):
     from prefalign.cli import app
 
     missing = tmp_path / "nowhere.parquet"
-    result = CliRunner().invoke(app, ["data", "import", "--format", "pickapic", "--input", str(missing),
-                                      "--output", str(tmp_path / "out"), "--params", str(PARAMS)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "import",
+            "--format",
+            "pickapic",
+            "--input",
+            str(missing),
+            "--output",
+            str(tmp_path / "out"),
+            "--params",
+            str(PARAMS),
+        ],
+    )
     assert result.exit_code == 2
     assert isinstance(result.exception, SystemExit)
     assert str(missing) in result.stderr and "Traceback" not in result.output
@@ -517,15 +616,20 @@ def test_imported_folder_passes_the_validation_gate(tmp_path, cfg):
     from prefalign.data.validation import validate_preferences
 
     out = tmp_path / "out"
-    rows = good_rows(0, 8) + [pick_row("a tie", colour_jpeg(50), colour_jpeg(51), 0.5, 0.5),
-                              pick_row("unjudged", colour_jpeg(52), colour_jpeg(53), has_label=False)]
+    rows = good_rows(0, 8) + [
+        pick_row("a tie", colour_jpeg(50), colour_jpeg(51), 0.5, 0.5),
+        pick_row("unjudged", colour_jpeg(52), colour_jpeg(53), has_label=False),
+    ]
     run("pickapic", write_shard(tmp_path / "s.parquet", rows), out, cfg)
-    json_file, _ = hpd_folder(tmp_path, [{"prompt": "hpd ranked", "image_path": ["images/0.jpg", "images/1.jpg",
-                                                                                "images/2.jpg"], "rank": [3, 1, 2]}])
+    json_file, _ = hpd_folder(
+        tmp_path,
+        [{"prompt": "hpd ranked", "image_path": ["images/0.jpg", "images/1.jpg", "images/2.jpg"], "rank": [3, 1, 2]}],
+    )
     run("hpd", json_file, out, cfg)
     log_file = json_file.parent / "log.jsonl"
-    log_file.write_text(json.dumps({"type": "feedback", "prompt": "hpd ranked", "image": "images/3.jpg",
-                                    "desirable": False}) + "\n")
+    log_file.write_text(
+        json.dumps({"type": "feedback", "prompt": "hpd ranked", "image": "images/3.jpg", "desirable": False}) + "\n"
+    )
     run("jsonl", log_file, out, cfg)
 
     report = validate_preferences(out, cfg.validation, report_path=tmp_path / "report.json", data=cfg.data)
@@ -540,7 +644,7 @@ def test_every_written_timestamp_is_utc(tmp_path, cfg):
     run("pickapic", shard, tmp_path / "out", cfg)
     stamps = pq.read_table(tmp_path / "out" / "pairs.parquet").column("created_at")
     assert stamps.type == pa.timestamp("us", tz="UTC") and stamps.null_count == 1
-    assert stamps[0].as_py() == datetime(2023, 5, 1, 12, 30, tzinfo=timezone.utc)
+    assert stamps[0].as_py() == datetime(2023, 5, 1, 12, 30, tzinfo=UTC)
 
 
 def test_a_store_that_cannot_write_stops_the_import_instead_of_quarantining(tmp_path, cfg, monkeypatch):

@@ -59,7 +59,9 @@ def test_original_code_form():
 def test_dpo_gradient_signs(variant):
     err_w = torch.tensor([0.30], requires_grad=True)
     err_l = torch.tensor([0.31], requires_grad=True)
-    diffusion_dpo_loss(err_w, err_l, torch.tensor([0.3]), torch.tensor([0.3]), beta=50.0, variant=variant).sum().backward()
+    diffusion_dpo_loss(
+        err_w, err_l, torch.tensor([0.3]), torch.tensor([0.3]), beta=50.0, variant=variant
+    ).sum().backward()
     assert err_w.grad.item() > 0, "lowering the winner's error must lower the loss"
     assert err_l.grad.item() < 0, "raising the loser's error must lower the loss"
 
@@ -105,7 +107,9 @@ def test_kto_at_reference_is_half():
 
 def test_kto_gradient_signs():
     err = torch.tensor([0.2, 0.2], requires_grad=True)
-    diffusion_kto_loss(err, torch.tensor([0.2, 0.2]), torch.tensor([True, False]), beta=10.0, kl_ref=0.0).sum().backward()
+    diffusion_kto_loss(
+        err, torch.tensor([0.2, 0.2]), torch.tensor([True, False]), beta=10.0, kl_ref=0.0
+    ).sum().backward()
     assert err.grad[0] > 0, "desirable: lowering the error lowers the loss"
     assert err.grad[1] < 0, "undesirable: raising the error lowers the loss"
 

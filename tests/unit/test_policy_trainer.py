@@ -30,8 +30,16 @@ def one_thread():
 @pytest.fixture
 def tiny_cfg(tiny_overrides):
     def make(**extra):
-        overrides = {**tiny_overrides, "dpo.lora.rank": 2, "dro.lora.rank": 2, "dpo.steps": 3, "dro.steps": 4,
-                     "dpo.checkpoint_every": 1, "dro.checkpoint_every": 1, **extra}
+        overrides = {
+            **tiny_overrides,
+            "dpo.lora.rank": 2,
+            "dro.lora.rank": 2,
+            "dpo.steps": 3,
+            "dro.steps": 4,
+            "dpo.checkpoint_every": 1,
+            "dro.checkpoint_every": 1,
+            **extra,
+        }
         return load_config(ROOT / "params.yaml", overrides)
 
     return make
@@ -41,16 +49,25 @@ def run_dpo(cfg, checkpoints=None):
     feats, shas, prompts = policy_job.synthetic_features(10, 5, cfg.model.text_hidden, cfg.seed)
     unet = policy_job.tiny_unet(cfg)
     winners, losers = [shas[i % 10] for i in range(12)], [shas[(3 * i + 1) % 10] for i in range(12)]
-    history = train_dpo(unet, winners, losers, [prompts[i % 5] for i in range(12)], feats, cfg.dpo, seed=cfg.seed,
-                        checkpoint_dir=checkpoints)
+    history = train_dpo(
+        unet,
+        winners,
+        losers,
+        [prompts[i % 5] for i in range(12)],
+        feats,
+        cfg.dpo,
+        seed=cfg.seed,
+        checkpoint_dir=checkpoints,
+    )
     return unet, history
 
 
 def run_dro(cfg, checkpoints=None):
     feats, shas, prompts = policy_job.synthetic_features(10, 5, cfg.model.text_hidden, cfg.seed)
     unet = policy_job.tiny_unet(cfg)
-    history = train_dro(unet, shas[:8], [prompts[i % 5] for i in range(8)], feats, cfg.dro, seed=cfg.seed,
-                        checkpoint_dir=checkpoints)
+    history = train_dro(
+        unet, shas[:8], [prompts[i % 5] for i in range(8)], feats, cfg.dro, seed=cfg.seed, checkpoint_dir=checkpoints
+    )
     return unet, history
 
 
@@ -90,8 +107,9 @@ def test_dpo_resume_is_exact(tiny_cfg, tmp_path):
 def test_dro_resume_mid_round_is_exact(tiny_cfg, tmp_path):
     # step 3 of reuse 2 is mid-round: the recorded trajectories, the lagged sampler copy and the EMA
     # must all come back from the checkpoint
-    cfg = tiny_cfg(**{"dro.reuse": 2, "dro.sync_every": 2, "dro.ema_decay": 0.5, "dro.timestep_jitter": 40,
-                      "dro.batch_size": 3})
+    cfg = tiny_cfg(
+        **{"dro.reuse": 2, "dro.sync_every": 2, "dro.ema_decay": 0.5, "dro.timestep_jitter": 40, "dro.batch_size": 3}
+    )
     full, _ = run_dro(cfg, tmp_path / "ck")
     keep_only(tmp_path / "ck", 3)
     resumed, history = run_dro(cfg, tmp_path / "ck")
@@ -129,8 +147,11 @@ def test_non_positive_beta_is_refused_by_the_config(beta):
 def test_shards_partition_each_step_whatever_the_process_count(processes, accum):
     batch = 8 // (processes * accum)
     for step in range(3):
-        ids = [shard_sample_ids(step, micro, batch_size=batch, grad_accum=accum, process_index=p, num_processes=processes)
-               for micro in range(accum) for p in range(processes)]
+        ids = [
+            shard_sample_ids(step, micro, batch_size=batch, grad_accum=accum, process_index=p, num_processes=processes)
+            for micro in range(accum)
+            for p in range(processes)
+        ]
         assert sorted(np.concatenate(ids).tolist()) == list(range(8 * step, 8 * step + 8))
 
 
@@ -154,8 +175,16 @@ def test_sampler_grid_offsets_are_keyed_bounded_and_decreasing():
 def test_gradient_checkpointing_changes_nothing_and_adafactor_trains(tiny_cfg):
     plain, _ = run_dpo(tiny_cfg(**{"dpo.checkpoint_every": 0, "dpo.steps": 2}))
     # bf16 asks for CUDA; on CPU the trainer keeps float32, so the weights must match the plain run
-    recomputed, _ = run_dpo(tiny_cfg(**{"dpo.checkpoint_every": 0, "dpo.steps": 2, "dpo.gradient_checkpointing": True,
-                                        "dpo.mixed_precision": "bf16" if not torch.cuda.is_available() else "no"}))
+    recomputed, _ = run_dpo(
+        tiny_cfg(
+            **{
+                "dpo.checkpoint_every": 0,
+                "dpo.steps": 2,
+                "dpo.gradient_checkpointing": True,
+                "dpo.mixed_precision": "bf16" if not torch.cuda.is_available() else "no",
+            }
+        )
+    )
     for name, value in lora_state(plain).items():
         torch.testing.assert_close(lora_state(recomputed)[name], value, rtol=1e-6, atol=1e-8)
     adafactor, history = run_dpo(tiny_cfg(**{"dpo.checkpoint_every": 0, "dpo.steps": 2, "dpo.optimizer": "adafactor"}))

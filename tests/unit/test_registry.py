@@ -63,14 +63,17 @@ def _report(**scores) -> dict:
     return {
         "metric_primary": "oracle",
         "models": {m: {"oracle_mean": s, "reward_mean": 0.0} for m, (s, _) in scores.items()},
-        "win_rates": {f"{m}_vs_base": {"oracle": {"rate": lo + 0.05, "ci_low": lo, "ci_high": lo + 0.1}}
-                      for m, (_, lo) in scores.items()},
+        "win_rates": {
+            f"{m}_vs_base": {"oracle": {"rate": lo + 0.05, "ci_low": lo, "ci_high": lo + 0.1}}
+            for m, (_, lo) in scores.items()
+        },
     }
 
 
 def _register(cfg, base_dir, folder, method, score):
-    return registry.register_policy(cfg, method=method, policy_dir=folder, base_dir=base_dir, run_id=None,
-                                    metrics={"oracle_mean": score})
+    return registry.register_policy(
+        cfg, method=method, policy_dir=folder, base_dir=base_dir, run_id=None, metrics={"oracle_mean": score}
+    )
 
 
 # ------------------------------------------------------------------------------------------ weights_sha
@@ -110,8 +113,14 @@ def test_policy_is_logged_under_its_training_run(root, base_dir, client, tmp_pat
     with stage_run(cfg, "train_dro", out_dir=tmp_path / "dro"):
         pass
     run_id = read_run_id(tmp_path / "dro")
-    info = registry.register_policy(cfg, method="dro", policy_dir=_weights(tmp_path / "dro", b"dro", "dro"),
-                                    base_dir=base_dir, run_id=run_id, metrics={})
+    info = registry.register_policy(
+        cfg,
+        method="dro",
+        policy_dir=_weights(tmp_path / "dro", b"dro", "dro"),
+        base_dir=base_dir,
+        run_id=run_id,
+        metrics={},
+    )
     mv = client.get_model_version("p-run", info.version)
     assert info.run_id == mv.run_id == run_id == mv.tags["training_run_id"]
     assert mv.source.startswith("models:/m-")
@@ -175,27 +184,41 @@ def test_reward_roundtrip_and_lineage(root, base_dir, client, tmp_path):
     out = {name: tmp_path / name for name in ("world", "prefs", "validation", "features", "reward", "dro")}
     with pipeline_run(cfg, flow_run_id="flow-9") as parent:
         for stage, folder, upstream in [
-            ("world", "world", []), ("ingest", "prefs", ["world"]), ("validate", "validation", ["prefs"]),
-            ("featurize", "features", ["prefs"]), ("train_reward", "reward", ["prefs"]),
+            ("world", "world", []),
+            ("ingest", "prefs", ["world"]),
+            ("validate", "validation", ["prefs"]),
+            ("featurize", "features", ["prefs"]),
+            ("train_reward", "reward", ["prefs"]),
             ("train_dro", "dro", ["features", "reward"]),
         ]:
             with stage_run(cfg, stage, out_dir=out[folder], upstream=[out[u] for u in upstream]) as tracker:
                 if stage == "validate":
                     (tmp_path / "validation.json").write_text('{"success": true}')
                     tracker.log_artifact(tmp_path / "validation.json")
-    reward = registry.register_reward(cfg, model_dir=_weights(out["reward"], b"clip", "dpo"),
-                                      run_id=read_run_id(out["reward"]), metrics={"pairwise_accuracy": 0.8})
+    reward = registry.register_reward(
+        cfg,
+        model_dir=_weights(out["reward"], b"clip", "dpo"),
+        run_id=read_run_id(out["reward"]),
+        metrics={"pairwise_accuracy": 0.8},
+    )
     assert registry.register_reward(cfg, model_dir=out["reward"], run_id=None, metrics={}).created is False
     assert registry.reward_tags(cfg, out["reward"]) == {
         "prefalign.reward_weights_sha": reward.weights_sha,
-        "prefalign.reward_version": f"prefalign-reward/{reward.version}"}
+        "prefalign.reward_version": f"prefalign-reward/{reward.version}",
+    }
     unregistered = _weights(tmp_path / "other_reward", b"other clip", "dpo")
     assert "prefalign.reward_version" not in registry.reward_tags(cfg, unregistered)
     fetched = registry.fetch_model_folder(f"prefalign-reward/{reward.version}", cfg, tmp_path / "fetched")
     assert (fetched / "pytorch_lora_weights.safetensors").read_bytes() == b"clip"
 
-    dro = registry.register_policy(cfg, method="dro", policy_dir=_weights(out["dro"], b"dro-l", "dro"),
-                                   base_dir=base_dir, run_id=read_run_id(out["dro"]), metrics={"oracle_mean": 0.7})
+    dro = registry.register_policy(
+        cfg,
+        method="dro",
+        policy_dir=_weights(out["dro"], b"dro-l", "dro"),
+        base_dir=base_dir,
+        run_id=read_run_id(out["dro"]),
+        metrics={"oracle_mean": 0.7},
+    )
     registry.promote(cfg, {"dro": dro}, _report(dro=(0.7, 0.6)))
     lines = registry.lineage("models:/p-lineage@champion", cfg)
     text = "\n".join(lines)
@@ -259,8 +282,15 @@ def test_champion_pyfunc_loads_and_predicts_in_a_fresh_process(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg)}
-    done = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT], cwd=elsewhere, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(out["first"]) == 2

@@ -1,6 +1,7 @@
 """Renderer and oracle: clean renderings score at the top, wrong attributes and artifacts lower the score,
 and the oracle stays meaningful on noisy, blurry, colour-shifted ("generated-like") images."""
 
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -99,8 +100,9 @@ def test_clean_renderings_score_at_the_top(side, clean16):
     assert scores.min() >= 0.9
 
 
-@pytest.mark.parametrize(("attr", "required"), [("color", 0.9), ("position", 0.9), ("background", 0.9),
-                                                ("shape", 0.7)])
+@pytest.mark.parametrize(
+    ("attr", "required"), [("color", 0.9), ("position", 0.9), ("background", 0.9), ("shape", 0.7)]
+)
 def test_one_wrong_attribute_lowers_the_score(attr, required, clean16):
     wrong = render_batch(_one_wrong(attr, np.random.default_rng(1)), 16)
     drop = oracle_scores(PROMPTS, clean16) - oracle_scores(PROMPTS, wrong)
@@ -125,7 +127,7 @@ def test_blurred_correct_rendering_stays_high():
 
 
 def test_uniform_image_scores_low():
-    for a in ATTRS[:: 17]:
+    for a in ATTRS[::17]:
         plain = np.full((16, 16, 3), BACKGROUNDS[a.background], np.uint8)
         assert oracle_score(prompt_of(a), plain) <= 0.4
     noisy = np.clip(np.random.default_rng(0).normal(128, 25, (540, 16, 16, 3)), 0, 255).astype(np.uint8)
@@ -140,7 +142,7 @@ def test_more_corrupted_attributes_lower_the_mean_score(noise):
         attrs = [corrupt(a, rng, n) if n else a for a in ATTRS]
         images = render_batch(attrs, 16, noise_sigma=noise, rng=rng)
         means.append(float(oracle_scores(PROMPTS, images).mean()))
-    assert all(later < earlier - 0.05 for earlier, later in zip(means, means[1:]))
+    assert all(later < earlier - 0.05 for earlier, later in itertools.pairwise(means))
 
 
 def test_generated_like_samples_correct_beats_wrong_attribute():

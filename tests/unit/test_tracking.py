@@ -110,10 +110,13 @@ def test_stage_runs_are_children_of_the_pipeline_run(cfg, client, tmp_path):
 
 
 def test_failed_stage_ends_failed_and_writes_no_run_json(cfg, client, tmp_path):
-    with pytest.raises(ZeroDivisionError), pipeline_run(cfg) as parent:
-        with stage_run(cfg, "featurize", out_dir=tmp_path / "features") as tracker:
-            run_id = tracker.run_id
-            1 / 0
+    with (
+        pytest.raises(ZeroDivisionError),
+        pipeline_run(cfg) as parent,
+        stage_run(cfg, "featurize", out_dir=tmp_path / "features") as tracker,
+    ):
+        run_id = tracker.run_id
+        raise ZeroDivisionError("a stage that fails")
     assert not (tmp_path / "features" / "run.json").exists()
     assert client.get_run(run_id).info.status == "FAILED"
     assert client.get_run(parent).info.status == "FAILED"

@@ -103,8 +103,15 @@ def test_data_version_and_push_in_a_dvc_project(repo, tmp_path_factory):
 
     dvc("init", "-q")
     dvc("remote", "add", "-d", "local", str(store))
-    dvc("stage", "add", "-n", "ingest", "-o", "data/preferences",
-        "mkdir -p data/preferences && echo pair > data/preferences/pairs.txt")
+    dvc(
+        "stage",
+        "add",
+        "-n",
+        "ingest",
+        "-o",
+        "data/preferences",
+        "mkdir -p data/preferences && echo pair > data/preferences/pairs.txt",
+    )
     dvc("repro", "-q")
     version = data_version(repo)
     assert version.md5.endswith(".dir") and len(version.md5) == 36

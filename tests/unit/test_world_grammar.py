@@ -118,8 +118,10 @@ def test_corrupt_rejects_bad_n(n):
 def test_without_position_drops_only_the_position_phrase():
     from prefalign.world.grammar import without_position
 
-    assert without_position("a small red circle at the top left on a black background") == \
-        "a small red circle on a black background"
+    assert (
+        without_position("a small red circle at the top left on a black background")
+        == "a small red circle on a black background"
+    )
     with pytest.raises(ValueError):
         without_position("a red circle")
 

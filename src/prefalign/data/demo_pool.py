@@ -25,8 +25,8 @@ EPOCH = pd.Timestamp("2026-01-01T00:00:00Z")
 
 def _pool_images(cfg: PipelineConfig, prompts: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str]]:
     """(prompt of each image, uint8 images, model name of each image) for the whole pool."""
-    from prefalign.models.sampling import generate
     from prefalign.models.diffusion import load_base_pipeline
+    from prefalign.models.sampling import generate
     from prefalign.seeding import derive_seed, numpy_rng
     from prefalign.world.grammar import corrupt, parse_prompt
     from prefalign.world.render import render
@@ -37,8 +37,17 @@ def _pool_images(cfg: PipelineConfig, prompts: pd.DataFrame) -> tuple[list[str],
         flat = [p for p in prompts.prompt for _ in range(n_base)]
         seeds = [derive_seed(cfg.seed, "pool", p, i) % 2**63 for p in prompts.prompt for i in range(n_base)]
         pipe = load_base_pipeline(cfg.base_model_dir())
-        chunks.append(generate(pipe, flat, seeds, steps=cfg.data.pool_sample_steps, guidance=cfg.data.pool_guidance,
-                               resolution=cfg.model.resolution, desc="pool: base samples"))
+        chunks.append(
+            generate(
+                pipe,
+                flat,
+                seeds,
+                steps=cfg.data.pool_sample_steps,
+                guidance=cfg.data.pool_guidance,
+                resolution=cfg.model.resolution,
+                desc="pool: base samples",
+            )
+        )
         owners += flat
         models += ["base"] * len(flat)
     rng = numpy_rng(cfg.seed, "pool-renderings")
@@ -70,7 +79,9 @@ def _judge(cfg: PipelineConfig, images: pd.DataFrame, split_of: dict[str, str]) 
     annotators = [pseudonymise(f"demo-annotator-{k}") for k in range(cfg.world.n_annotators)]
     # Binary feedback asks "is this image acceptable?": the bar is the pool's median quality.
     bar = float(images.oracle.median())
-    pairs, rankings, feedback = [], [], []
+    pairs: list[dict] = []
+    rankings: list[dict] = []
+    feedback: list[dict] = []
     for prompt, group in images.groupby("prompt", sort=False):
         rows = group.to_dict("records")
         combos = list(itertools.combinations(range(len(rows)), 2))
@@ -78,20 +89,45 @@ def _judge(cfg: PipelineConfig, images: pd.DataFrame, split_of: dict[str, str]) 
             a, b = (rows[i] for i in combos[k])
             a_wins = bool(annotate(np.array([a["oracle"]]), np.array([b["oracle"]]), tau=tau, rng=rng)[0])
             w, lo = (a, b) if a_wins else (b, a)
-            pairs.append({"pair_id": pair_id(prompt, w["sha"], lo["sha"], tie=False), "prompt": prompt,
-                          "image_w": w["sha"], "image_l": lo["sha"], "label": 1.0, "source": "demo",
-                          "split": split_of[prompt], "model_w": w["model"], "model_l": lo["model"],
-                          "annotator": annotators[int(rng.integers(len(annotators)))],
-                          "created_at": EPOCH + pd.Timedelta(seconds=len(pairs))})
+            pairs.append(
+                {
+                    "pair_id": pair_id(prompt, w["sha"], lo["sha"], tie=False),
+                    "prompt": prompt,
+                    "image_w": w["sha"],
+                    "image_l": lo["sha"],
+                    "label": 1.0,
+                    "source": "demo",
+                    "split": split_of[prompt],
+                    "model_w": w["model"],
+                    "model_l": lo["model"],
+                    "annotator": annotators[int(rng.integers(len(annotators)))],
+                    "created_at": EPOCH + pd.Timedelta(seconds=len(pairs)),
+                }
+            )
         # Plackett-Luce draw = sort by utility/tau + Gumbel noise: the listwise form of the same annotators.
         order = np.argsort(-(np.array([r["oracle"] for r in rows]) / tau + rng.gumbel(size=len(rows))))
         ranked = [rows[i]["sha"] for i in order]
-        rankings.append({"ranking_id": _sha(prompt, *ranked), "prompt": prompt, "images": ranked, "source": "demo",
-                         "split": split_of[prompt]})
+        rankings.append(
+            {
+                "ranking_id": _sha(prompt, *ranked),
+                "prompt": prompt,
+                "images": ranked,
+                "source": "demo",
+                "split": split_of[prompt],
+            }
+        )
         for r in rows:
             desirable = bool(annotate(np.array([r["oracle"]]), np.array([bar]), tau=tau, rng=rng)[0])
-            feedback.append({"feedback_id": _sha(prompt, r["sha"]), "prompt": prompt, "image": r["sha"],
-                             "desirable": desirable, "source": "demo", "split": split_of[prompt]})
+            feedback.append(
+                {
+                    "feedback_id": _sha(prompt, r["sha"]),
+                    "prompt": prompt,
+                    "image": r["sha"],
+                    "desirable": desirable,
+                    "source": "demo",
+                    "split": split_of[prompt],
+                }
+            )
     return pairs, rankings, feedback
 
 
@@ -114,13 +150,24 @@ def build_demo_pool(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     schema.write_table(pairs_df, out / "pairs.parquet", schema.PAIRS_SCHEMA)
     schema.write_table(pd.DataFrame(rankings), out / "rankings.parquet", schema.RANKINGS_SCHEMA)
     schema.write_table(pd.DataFrame(feedback), out / "feedback.parquet", schema.FEEDBACK_SCHEMA)
-    schema.write_table(schema.empty_table(schema.QUARANTINE_SCHEMA), out / "quarantine.parquet",
-                       schema.QUARANTINE_SCHEMA)
+    schema.write_table(
+        schema.empty_table(schema.QUARANTINE_SCHEMA), out / "quarantine.parquet", schema.QUARANTINE_SCHEMA
+    )
     oracle_of = dict(zip(table.sha, table.oracle, strict=False))
-    bayes = bayes_accuracy(pairs_df.image_w.map(oracle_of).to_numpy(), pairs_df.image_l.map(oracle_of).to_numpy(),
-                           tau=cfg.world.annotator_tau)
+    bayes = bayes_accuracy(
+        pairs_df.image_w.map(oracle_of).to_numpy(),
+        pairs_df.image_l.map(oracle_of).to_numpy(),
+        tau=cfg.world.annotator_tau,
+    )
     by_model = table.groupby("model").oracle.mean().to_dict()
-    log.info("demo pool: %d images, %d pairs, Bayes accuracy %.3f, mean oracle %s", len(table), len(pairs), bayes,
-             by_model)
-    return {"images": len(table), "pairs": len(pairs), "rankings": len(rankings), "feedback": len(feedback),
-            "bayes_accuracy": float(bayes), **{f"oracle_mean_{m}": float(v) for m, v in by_model.items()}}
+    log.info(
+        "demo pool: %d images, %d pairs, Bayes accuracy %.3f, mean oracle %s", len(table), len(pairs), bayes, by_model
+    )
+    return {
+        "images": len(table),
+        "pairs": len(pairs),
+        "rankings": len(rankings),
+        "feedback": len(feedback),
+        "bayes_accuracy": float(bayes),
+        **{f"oracle_mean_{m}": float(v) for m, v in by_model.items()},
+    }

@@ -60,7 +60,7 @@ def assign_split(prompt: str, *, train: float, val: float) -> Split:
 
 def split_counts(df: pd.DataFrame) -> dict[str, int]:
     """Rows per split: always the keys train/val/test (0 when absent), plus any unexpected value."""
-    counts = {split: 0 for split in SPLITS}
+    counts: dict[str, int] = {split: 0 for split in SPLITS}
     if "split" in df.columns:
         for split, n in df["split"].value_counts(dropna=False).items():
             counts[str(split)] = int(n)

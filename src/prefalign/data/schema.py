@@ -71,10 +71,18 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
-TABLE_FILES = {"pairs": "pairs.parquet", "rankings": "rankings.parquet", "feedback": "feedback.parquet",
-               "quarantine": "quarantine.parquet"}
-SCHEMAS = {"pairs": PAIRS_SCHEMA, "rankings": RANKINGS_SCHEMA, "feedback": FEEDBACK_SCHEMA,
-           "quarantine": QUARANTINE_SCHEMA}
+TABLE_FILES = {
+    "pairs": "pairs.parquet",
+    "rankings": "rankings.parquet",
+    "feedback": "feedback.parquet",
+    "quarantine": "quarantine.parquet",
+}
+SCHEMAS = {
+    "pairs": PAIRS_SCHEMA,
+    "rankings": RANKINGS_SCHEMA,
+    "feedback": FEEDBACK_SCHEMA,
+    "quarantine": QUARANTINE_SCHEMA,
+}
 
 
 def empty_table(schema: pa.Schema) -> pd.DataFrame:
@@ -109,8 +117,7 @@ def write_table(df: pd.DataFrame, path: Path, schema: pa.Schema) -> None:
     if missing or extra:
         raise ValueError(f"{path}: columns do not match the schema (missing {missing}, unexpected {extra})")
     arrays = [
-        _arrow_column(df[f.name], f, path) if f.name in df.columns else pa.nulls(len(df), type=f.type)
-        for f in schema
+        _arrow_column(df[f.name], f, path) if f.name in df.columns else pa.nulls(len(df), type=f.type) for f in schema
     ]
     table = pa.Table.from_arrays(arrays, schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,8 +207,9 @@ class ImageStore:
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
             raise ValueError(f"expected a uint8 (H, W, 3) array, got {arr.dtype} {arr.shape}")
         buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(arr), mode="RGB").save(buffer, format="PNG", optimize=False,
-                                                                    compress_level=6)
+        Image.fromarray(np.ascontiguousarray(arr), mode="RGB").save(
+            buffer, format="PNG", optimize=False, compress_level=6
+        )
         return self.put_bytes(buffer.getvalue(), "png")
 
     def path(self, sha: str) -> Path:

@@ -121,8 +121,11 @@ def _tag(table: str, why: str, expectation: Expectation) -> Expectation:
 def _text_checks(gxe: Any, table: str, cfg: Validation) -> list[Expectation]:
     """Prompt and split checks shared by the three tables."""
     return [
-        _tag(table, "prompt length in [1, max_prompt_chars]",
-             gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=1, max_value=cfg.max_prompt_chars)),
+        _tag(
+            table,
+            "prompt length in [1, max_prompt_chars]",
+            gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=1, max_value=cfg.max_prompt_chars),
+        ),
         _tag(table, "prompt is not whitespace-only", gxe.ExpectColumnValuesToMatchRegex(column="prompt", regex=r"\S")),
         _tag(table, "split is train, val or test", gxe.ExpectColumnValuesToBeInSet(column="split", value_set=SPLITS)),
     ]
@@ -135,21 +138,36 @@ def _not_null(gxe: Any, table: str, columns: Iterable[str]) -> list[Expectation]
 def _pairs_expectations(gxe: Any, cfg: Validation) -> list[Expectation]:
     t = "pairs"
     return [
-        _tag(t, "exactly the canonical columns",
-             gxe.ExpectTableColumnsToMatchSet(column_set=PAIRS_SCHEMA.names, exact_match=True)),
-        _tag(t, "row count in [min_pairs, max_pairs]",
-             gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_pairs, max_value=cfg.max_pairs)),
+        _tag(
+            t,
+            "exactly the canonical columns",
+            gxe.ExpectTableColumnsToMatchSet(column_set=PAIRS_SCHEMA.names, exact_match=True),
+        ),
+        _tag(
+            t,
+            "row count in [min_pairs, max_pairs]",
+            gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_pairs, max_value=cfg.max_pairs),
+        ),
         *_not_null(gxe, t, ["pair_id", "prompt", "image_w", "image_l", "label", "source", "split"]),
         _tag(t, "label is numeric", gxe.ExpectColumnValuesToBeInTypeList(column="label", type_list=NUMERIC_TYPES)),
-        _tag(t, "label is 1.0 (image_w preferred) or 0.5 (tie)",
-             gxe.ExpectColumnValuesToBeInSet(column="label", value_set=[0.5, 1.0])),
-        _tag(t, "winner and loser differ",
-             gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord(column_list=["image_w", "image_l"])),
-        _tag(t, "no judgement twice",
-             gxe.ExpectCompoundColumnsToBeUnique(column_list=["prompt", "image_w", "image_l"])),
+        _tag(
+            t,
+            "label is 1.0 (image_w preferred) or 0.5 (tie)",
+            gxe.ExpectColumnValuesToBeInSet(column="label", value_set=[0.5, 1.0]),
+        ),
+        _tag(
+            t,
+            "winner and loser differ",
+            gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord(column_list=["image_w", "image_l"]),
+        ),
+        _tag(
+            t, "no judgement twice", gxe.ExpectCompoundColumnsToBeUnique(column_list=["prompt", "image_w", "image_l"])
+        ),
         _tag(t, "pair_id is unique", gxe.ExpectColumnValuesToBeUnique(column="pair_id")),
-        *(_tag(t, f"{c} is a sha256", gxe.ExpectColumnValuesToMatchRegex(column=c, regex=SHA_REGEX))
-          for c in ("image_w", "image_l")),
+        *(
+            _tag(t, f"{c} is a sha256", gxe.ExpectColumnValuesToMatchRegex(column=c, regex=SHA_REGEX))
+            for c in ("image_w", "image_l")
+        ),
         *_text_checks(gxe, t, cfg),
     ]
 
@@ -157,27 +175,42 @@ def _pairs_expectations(gxe: Any, cfg: Validation) -> list[Expectation]:
 def _rankings_expectations(gxe: Any, cfg: Validation) -> list[Expectation]:
     t = "rankings"
     return [
-        _tag(t, "exactly the canonical columns",
-             gxe.ExpectTableColumnsToMatchSet(column_set=RANKINGS_SCHEMA.names, exact_match=True)),
+        _tag(
+            t,
+            "exactly the canonical columns",
+            gxe.ExpectTableColumnsToMatchSet(column_set=RANKINGS_SCHEMA.names, exact_match=True),
+        ),
         *_not_null(gxe, t, ["ranking_id", "prompt", "images", "source", "split"]),
         _tag(t, "ranking_id is unique", gxe.ExpectColumnValuesToBeUnique(column="ranking_id")),
         *_text_checks(gxe, t, cfg),
-        _tag("ranking_lists", "a ranking orders at least two images",
-             gxe.ExpectColumnValuesToBeBetween(column="n_images", min_value=2)),
-        _tag("ranking_lists", "no image twice in one ranking",
-             gxe.ExpectColumnPairValuesToBeEqual(column_A="n_images", column_B="n_distinct")),
+        _tag(
+            "ranking_lists",
+            "a ranking orders at least two images",
+            gxe.ExpectColumnValuesToBeBetween(column="n_images", min_value=2),
+        ),
+        _tag(
+            "ranking_lists",
+            "no image twice in one ranking",
+            gxe.ExpectColumnPairValuesToBeEqual(column_A="n_images", column_B="n_distinct"),
+        ),
     ]
 
 
 def _feedback_expectations(gxe: Any, cfg: Validation) -> list[Expectation]:
     t = "feedback"
     return [
-        _tag(t, "exactly the canonical columns",
-             gxe.ExpectTableColumnsToMatchSet(column_set=FEEDBACK_SCHEMA.names, exact_match=True)),
+        _tag(
+            t,
+            "exactly the canonical columns",
+            gxe.ExpectTableColumnsToMatchSet(column_set=FEEDBACK_SCHEMA.names, exact_match=True),
+        ),
         *_not_null(gxe, t, ["feedback_id", "prompt", "image", "desirable", "source", "split"]),
         _tag(t, "feedback_id is unique", gxe.ExpectColumnValuesToBeUnique(column="feedback_id")),
-        _tag(t, "desirable is boolean",
-             gxe.ExpectColumnValuesToBeInTypeList(column="desirable", type_list=["bool", "boolean"])),
+        _tag(
+            t,
+            "desirable is boolean",
+            gxe.ExpectColumnValuesToBeInTypeList(column="desirable", type_list=["bool", "boolean"]),
+        ),
         _tag(t, "image is a sha256", gxe.ExpectColumnValuesToMatchRegex(column="image", regex=SHA_REGEX)),
         *_text_checks(gxe, t, cfg),
     ]
@@ -186,24 +219,49 @@ def _feedback_expectations(gxe: Any, cfg: Validation) -> list[Expectation]:
 def _derived_expectations(gxe: Any, cfg: Validation, data: DataConfig | None) -> list[Expectation]:
     side = {"min_value": cfg.min_image_side, "max_value": cfg.max_image_side}
     checks = [
-        _tag("prompts", "a prompt is in one split only (no leakage)",
-             gxe.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)),
-        _tag("images", "referenced image is in the store",
-             gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True])),
+        _tag(
+            "prompts",
+            "a prompt is in one split only (no leakage)",
+            gxe.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1),
+        ),
+        _tag(
+            "images",
+            "referenced image is in the store",
+            gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
+        ),
         _tag("images", "stored image decodes", gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])),
-        _tag("images", "image width in [min_image_side, max_image_side]",
-             gxe.ExpectColumnValuesToBeBetween(column="width", **side)),
-        _tag("images", "image height in [min_image_side, max_image_side]",
-             gxe.ExpectColumnValuesToBeBetween(column="height", **side)),
-        _tag("dataset", "tie share <= max_tie_fraction",
-             gxe.ExpectColumnValuesToBeBetween(column="tie_fraction", min_value=0.0, max_value=cfg.max_tie_fraction)),
-        _tag("dataset", "quarantined share <= max_quarantine_fraction",
-             gxe.ExpectColumnValuesToBeBetween(column="quarantine_fraction", min_value=0.0,
-                                               max_value=cfg.max_quarantine_fraction)),
+        _tag(
+            "images",
+            "image width in [min_image_side, max_image_side]",
+            gxe.ExpectColumnValuesToBeBetween(column="width", **side),
+        ),
+        _tag(
+            "images",
+            "image height in [min_image_side, max_image_side]",
+            gxe.ExpectColumnValuesToBeBetween(column="height", **side),
+        ),
+        _tag(
+            "dataset",
+            "tie share <= max_tie_fraction",
+            gxe.ExpectColumnValuesToBeBetween(column="tie_fraction", min_value=0.0, max_value=cfg.max_tie_fraction),
+        ),
+        _tag(
+            "dataset",
+            "quarantined share <= max_quarantine_fraction",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="quarantine_fraction", min_value=0.0, max_value=cfg.max_quarantine_fraction
+            ),
+        ),
     ]
     if data is not None:
-        checks.insert(1, _tag("prompts", "split equals the prompt-hash assignment of data.split_*",
-                              gxe.ExpectColumnPairValuesToBeEqual(column_A="splits", column_B="expected_split")))
+        checks.insert(
+            1,
+            _tag(
+                "prompts",
+                "split equals the prompt-hash assignment of data.split_*",
+                gxe.ExpectColumnPairValuesToBeEqual(column_A="splits", column_B="expected_split"),
+            ),
+        )
     return checks
 
 
@@ -302,7 +360,7 @@ def image_check_frame(store: ImageStore, refs: dict[str, str], *, max_side: int)
     from PIL import Image
 
     stored = store.index()  # one directory scan instead of a glob per sha
-    rows = []
+    rows: list[tuple[str, str, bool, bool, float, float, str | None]] = []
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat it as a failed decode.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -319,13 +377,17 @@ def image_check_frame(store: ImageStore, refs: dict[str, str], *, max_side: int)
 
 def prompt_split_frame(tables: dict[str, pd.DataFrame], data: DataConfig | None) -> pd.DataFrame:
     """One row per prompt: n_splits (distinct splits over all tables), splits, expected_split."""
-    parts = [t[["prompt", "split"]] for t in (tables.get(n, pd.DataFrame()) for n in RAW_FRAMES)
-             if {"prompt", "split"} <= set(t.columns)]
+    parts = [
+        t[["prompt", "split"]]
+        for t in (tables.get(n, pd.DataFrame()) for n in RAW_FRAMES)
+        if {"prompt", "split"} <= set(t.columns)
+    ]
     both = pd.concat(parts, ignore_index=True).dropna() if parts else pd.DataFrame(columns=["prompt", "split"])
     both = both.astype({"prompt": str, "split": str})
     grouped = both.groupby("prompt", sort=True)["split"]
-    frame = pd.DataFrame({"n_splits": grouped.nunique(),
-                          "splits": grouped.agg(lambda s: ",".join(sorted(set(s))))}).reset_index()
+    frame = pd.DataFrame(
+        {"n_splits": grouped.nunique(), "splits": grouped.agg(lambda s: ",".join(sorted(set(s))))}
+    ).reset_index()
     if data is not None:
         frame["expected_split"] = [assign_split(p, train=data.split_train, val=data.split_val) for p in frame.prompt]
     return frame
@@ -334,7 +396,7 @@ def prompt_split_frame(tables: dict[str, pd.DataFrame], data: DataConfig | None)
 def ranking_list_frame(rankings: pd.DataFrame) -> pd.DataFrame:
     """One row per ranking: ranking_id, n_images, n_distinct."""
     lists = rankings["images"] if "images" in rankings.columns else pd.Series([None] * len(rankings))
-    sizes = [len(v) if isinstance(v, Iterable) and not isinstance(v, str) else 0 for v in lists]
+    sizes = [len(list(v)) if isinstance(v, Iterable) and not isinstance(v, str) else 0 for v in lists]
     distinct = [len(set(v)) if isinstance(v, Iterable) and not isinstance(v, str) else 0 for v in lists]
     ids = rankings["ranking_id"] if "ranking_id" in rankings.columns else pd.Series(range(len(rankings)))
     return pd.DataFrame({"ranking_id": ids.to_numpy(), "n_images": sizes, "n_distinct": distinct})
@@ -353,15 +415,23 @@ def dataset_frame(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     n_imported = sum(len(tables.get(n, pd.DataFrame())) for n in RAW_FRAMES)
     n_quarantined = len(tables.get("quarantine", pd.DataFrame()))
     total = n_imported + n_quarantined
-    return pd.DataFrame([{
-        "n_pairs": n_pairs, "n_ties": n_ties, "tie_fraction": n_ties / n_pairs if n_pairs else 0.0,
-        "n_imported": n_imported, "n_quarantined": n_quarantined,
-        "quarantine_fraction": n_quarantined / total if total else 0.0,
-    }])
+    return pd.DataFrame(
+        [
+            {
+                "n_pairs": n_pairs,
+                "n_ties": n_ties,
+                "tie_fraction": n_ties / n_pairs if n_pairs else 0.0,
+                "n_imported": n_imported,
+                "n_quarantined": n_quarantined,
+                "quarantine_fraction": n_quarantined / total if total else 0.0,
+            }
+        ]
+    )
 
 
-def build_frames(folder: Path, tables: dict[str, pd.DataFrame], cfg: Validation,
-                 data: DataConfig | None) -> dict[str, pd.DataFrame]:
+def build_frames(
+    folder: Path, tables: dict[str, pd.DataFrame], cfg: Validation, data: DataConfig | None
+) -> dict[str, pd.DataFrame]:
     """Every frame the suite runs on; rankings and feedback (and their derived frames) when non-empty."""
     frames = {"pairs": tables["pairs"]}
     if len(tables["rankings"]):
@@ -394,16 +464,23 @@ def _gx_context(docs_dir: Path | None) -> Any:
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm "Calculating Metrics"
     if docs_dir is not None:
         docs_dir.mkdir(parents=True, exist_ok=True)
-        ctx.add_data_docs_site(site_name=DOCS_SITE, site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
+        ctx.add_data_docs_site(
+            site_name=DOCS_SITE,
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir.resolve()),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
     return ctx
 
 
-def _run_frame(ctx: Any, source: Any, name: str, frame: pd.DataFrame, expectations: list[Expectation],
-               docs: bool) -> list[Any]:
+def _run_frame(
+    ctx: Any, source: Any, name: str, frame: pd.DataFrame, expectations: list[Expectation], docs: bool
+) -> list[Any]:
     """Validate one frame with its part of the suite through a Checkpoint; GX results in suite order."""
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
@@ -415,16 +492,22 @@ def _run_frame(ctx: Any, source: Any, name: str, frame: pd.DataFrame, expectatio
         order[suite.add_expectation(expectation).id] = i
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"prefalign_{name}", data=batch, suite=suite))
     actions = [UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])] if docs else []
-    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-        name=f"prefalign_{name}", validation_definitions=[vd], actions=actions,
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES}))
+    checkpoint = ctx.checkpoints.add(
+        gx.Checkpoint(
+            name=f"prefalign_{name}",
+            validation_definitions=[vd],
+            actions=actions,
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES},
+        )
+    )
     run = checkpoint.run(batch_parameters={"dataframe": frame})
     results = [r for vr in run.run_results.values() for r in vr.results]
     return sorted(results, key=lambda r: order.get(r.expectation_config.id, len(order)))
 
 
-def _run_suite(frames: dict[str, pd.DataFrame], suite: list[Expectation],
-               docs_dir: Path | None) -> tuple[list[dict[str, Any]], str | None]:
+def _run_suite(
+    frames: dict[str, pd.DataFrame], suite: list[Expectation], docs_dir: Path | None
+) -> tuple[list[dict[str, Any]], str | None]:
     ctx = _gx_context(docs_dir)
     source = ctx.data_sources.add_pandas(name="prefalign")
     summaries = []
@@ -476,21 +559,23 @@ def _summarise(result: Any, name: str, frame: pd.DataFrame) -> dict[str, Any]:
     kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
     columns = _columns_of(kwargs)
     found = result.result or {}
-    return _jsonable({
-        "table": name,
-        "file": FRAME_LABELS.get(name, name),
-        "expectation": config.type,
-        "description": config.meta.get("why"),
-        "columns": columns,
-        "kwargs": {k: v for k, v in kwargs.items() if k not in ("column", "column_list")},
-        "success": bool(result.success),
-        "unexpected_count": found.get("unexpected_count"),
-        "element_count": found.get("element_count"),
-        "observed_value": found.get("observed_value"),
-        "details": found.get("details"),
-        "offending": _examples(frame, name, columns, list(found.get("partial_unexpected_index_list") or [])),
-        "error": _exception_message(result.exception_info),
-    })
+    return _jsonable(
+        {
+            "table": name,
+            "file": FRAME_LABELS.get(name, name),
+            "expectation": config.type,
+            "description": config.meta.get("why"),
+            "columns": columns,
+            "kwargs": {k: v for k, v in kwargs.items() if k not in ("column", "column_list")},
+            "success": bool(result.success),
+            "unexpected_count": found.get("unexpected_count"),
+            "element_count": found.get("element_count"),
+            "observed_value": found.get("observed_value"),
+            "details": found.get("details"),
+            "offending": _examples(frame, name, columns, list(found.get("partial_unexpected_index_list") or [])),
+            "error": _exception_message(result.exception_info),
+        }
+    )
 
 
 def _show(value: Any, width: int = 20) -> str:
@@ -507,8 +592,11 @@ def _show(value: Any, width: int = 20) -> str:
 
 def _example(r: dict[str, Any], row: dict[str, Any]) -> str:
     # Context columns that are null (e.g. no decode error) say nothing; the checked columns always show.
-    values = " ".join(f"{k}={_show(v, 60 if k == 'error' else 20)}" for k, v in row["values"].items()
-                      if v is not None or k in r["columns"])
+    values = " ".join(
+        f"{k}={_show(v, 60 if k == 'error' else 20)}"
+        for k, v in row["values"].items()
+        if v is not None or k in r["columns"]
+    )
     return f"row {row['row']} {values}" if r["table"] in RAW_FRAMES else values
 
 
@@ -557,27 +645,31 @@ def _write_json(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- entry point
-def _statistics(results: list[dict[str, Any]], frames: dict[str, pd.DataFrame],
-                tables: dict[str, pd.DataFrame], seconds: float) -> dict[str, Any]:
+def _statistics(
+    results: list[dict[str, Any]], frames: dict[str, pd.DataFrame], tables: dict[str, pd.DataFrame], seconds: float
+) -> dict[str, Any]:
     passed = sum(r["success"] for r in results)
     shares = frames["dataset"].iloc[0].to_dict()
-    return _jsonable({
-        "evaluated_expectations": len(results),
-        "successful_expectations": passed,
-        "unsuccessful_expectations": len(results) - passed,
-        "rows": {name: len(t) for name, t in tables.items()},
-        "frames_validated": list(frames),
-        "images_checked": len(frames["images"]),
-        "prompts": len(frames["prompts"]),
-        "split_counts": split_counts(tables["pairs"]),
-        "tie_fraction": shares["tie_fraction"],
-        "quarantine_fraction": shares["quarantine_fraction"],
-        "seconds": round(seconds, 3),
-    })
+    return _jsonable(
+        {
+            "evaluated_expectations": len(results),
+            "successful_expectations": passed,
+            "unsuccessful_expectations": len(results) - passed,
+            "rows": {name: len(t) for name, t in tables.items()},
+            "frames_validated": list(frames),
+            "images_checked": len(frames["images"]),
+            "prompts": len(frames["prompts"]),
+            "split_counts": split_counts(tables["pairs"]),
+            "tie_fraction": shares["tie_fraction"],
+            "quarantine_fraction": shares["quarantine_fraction"],
+            "seconds": round(seconds, 3),
+        }
+    )
 
 
-def validate_preferences(folder: Path, cfg: Validation, *, report_path: Path, docs_dir: Path | None = None,
-                         data: DataConfig | None = None) -> ValidationReport:
+def validate_preferences(
+    folder: Path, cfg: Validation, *, report_path: Path, docs_dir: Path | None = None, data: DataConfig | None = None
+) -> ValidationReport:
     """Run the GX suite on a canonical preference folder; write the JSON report; return it.
 
     Args:
@@ -594,16 +686,25 @@ def validate_preferences(folder: Path, cfg: Validation, *, report_path: Path, do
     folder = Path(folder)
     tables = load_tables(folder)
     frames = build_frames(folder, tables, cfg, data)
-    results, docs_index = _run_suite(frames, build_preference_suite(cfg, data=data),
-                                     Path(docs_dir) if docs_dir is not None else None)
+    results, docs_index = _run_suite(
+        frames, build_preference_suite(cfg, data=data), Path(docs_dir) if docs_dir is not None else None
+    )
     report = ValidationReport(
-        success=all(r["success"] for r in results), results=results,
+        success=all(r["success"] for r in results),
+        results=results,
         statistics=_statistics(results, frames, tables, time.perf_counter() - start),
-        docs_index=docs_index, folder=str(folder))
+        docs_index=docs_index,
+        folder=str(folder),
+    )
     _write_json(Path(report_path), report.to_json())
-    log.info("validation of %s: %s (%d/%d expectations met, %.1f s)", folder,
-             "valid" if report.success else "INVALID", report.statistics["successful_expectations"],
-             len(results), report.statistics["seconds"])
+    log.info(
+        "validation of %s: %s (%d/%d expectations met, %.1f s)",
+        folder,
+        "valid" if report.success else "INVALID",
+        report.statistics["successful_expectations"],
+        len(results),
+        report.statistics["seconds"],
+    )
     for line in report.failures():
         log.warning("%s", line)
     return report

@@ -104,7 +104,11 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def loss_curve(
-    history: Mapping[str, Sequence[float]], path: str | Path, *, title: str, xlabel: str = "step",
+    history: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str = "step",
     steps: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
     """Training curves: one panel per key (keys have different scales), raw values and a moving average.
@@ -124,17 +128,19 @@ def loss_curve(
     fig = _figure(7.0, 1.0 + 1.8 * max(len(series), 1))
     if not series:
         fig.text(0.5, 0.5, "no data", ha="center", va="center")
-    axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0] if series else []
+    axes: list[Any] = list(fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]) if series else []
     for ax, (name, values) in zip(axes, series.items(), strict=False):
         at = (steps or {}).get(name)
         if at is not None and len(at) != len(values):
             raise ValueError(f"{name}: {len(values)} values but {len(at)} steps")
         xs = np.asarray(at, np.float64) if at is not None else np.arange(1, len(values) + 1)
         window = max(1, len(values) // 20)
-        ax.plot(xs, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw",
-                marker="." if at is not None else None)
-        ax.plot(xs, _moving_average(values, window), color="tab:blue", linewidth=1.8,
-                label=f"moving average ({window})")
+        ax.plot(
+            xs, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw", marker="." if at is not None else None
+        )
+        ax.plot(
+            xs, _moving_average(values, window), color="tab:blue", linewidth=1.8, label=f"moving average ({window})"
+        )
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     if series:
@@ -213,7 +219,11 @@ def calibration_plot(pred_prob: ArrayLike, observed: ArrayLike, path: str | Path
 
 
 def accuracy_bars(
-    accuracies: Mapping[str, Sequence[float]], path: str | Path, *, title: str, reference: float | None = None,
+    accuracies: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    title: str,
+    reference: float | None = None,
     target: float | None = None,
 ) -> Path:
     """Horizontal bars of accuracies, each the mean of its values with their range as whiskers.
@@ -288,8 +298,17 @@ def accuracy_grouped_bars(
         high = np.array([float(accuracy[name][a]["ci_high"]) for a in attrs])
         xs = x - 0.4 + width * (k + 0.5)
         err = np.vstack([np.maximum(mean - low, 0), np.maximum(high - mean, 0)])
-        ax.bar(xs, mean, width * 0.92, yerr=err, capsize=2, label=name, color=f"C{k}", alpha=0.85,
-               error_kw={"linewidth": 0.8})
+        ax.bar(
+            xs,
+            mean,
+            width * 0.92,
+            yerr=err,
+            capsize=2,
+            label=name,
+            color=f"C{k}",
+            alpha=0.85,
+            error_kw={"linewidth": 0.8},
+        )
         for xi, m, hi in zip(xs, mean, high, strict=True):
             # In the bar's foot (above the bar the error bar would cross the number); over the interval
             # when the bar is too short to hold it.
@@ -349,13 +368,17 @@ def comparison_grid(
     images = np.asarray(images)
     n_prompts, n_models = len(prompts), len(models)
     if images.ndim != 6 or images.shape[-1] != 3 or images.shape[0] != n_prompts or images.shape[2] != n_models:
-        raise ValueError(f"expected images (prompts={n_prompts}, seeds, models={n_models}, H, W, 3), "
-                         f"got array of shape {images.shape}")
+        raise ValueError(
+            f"expected images (prompts={n_prompts}, seeds, models={n_models}, H, W, 3), "
+            f"got array of shape {images.shape}"
+        )
     n_seeds, h, w = images.shape[1], images.shape[3], images.shape[4]
-    for name, texts in (("captions", captions), ("marks", marks)):
-        if texts is not None and np.shape(np.asarray(texts, dtype=object)) != (n_prompts, n_seeds, n_models):
-            raise ValueError(f"{name} must be (prompts, seeds, models) = {(n_prompts, n_seeds, n_models)}, "
-                             f"got {np.shape(np.asarray(texts, dtype=object))}")
+    for name, given in (("captions", captions), ("marks", marks)):
+        if given is not None and np.shape(np.asarray(given, dtype=object)) != (n_prompts, n_seeds, n_models):
+            raise ValueError(
+                f"{name} must be (prompts, seeds, models) = {(n_prompts, n_seeds, n_models)}, "
+                f"got {np.shape(np.asarray(given, dtype=object))}"
+            )
     groups = max(1, min(column_groups, n_prompts))
     rows = -(-n_prompts // groups)
     # Layout in output pixels (the axes map one data unit to one pixel at DPI).
@@ -392,27 +415,44 @@ def comparison_grid(
                 canvas[y + header + 1 : y + header + th - 1, x + 1 : x + tw - 1] = tile
                 cy = y + header + th + 3
                 if captions is not None:
-                    style = {"fontsize": 8, "ha": "center", "va": "top"}
+                    style: dict[str, Any] = {"fontsize": 8, "ha": "center", "va": "top"}
                     texts.append((x + tw / 2, cy, str(captions[p][s][m]), style))
                     cy += 12
                 if marks is not None:
                     mark = str(marks[p][s][m])
-                    style = {"fontsize": 7.5, "ha": "center", "va": "top", "color": "#c00000" if mark else "#008000",
-                             "linespacing": 1.0}
+                    style = {
+                        "fontsize": 7.5,
+                        "ha": "center",
+                        "va": "top",
+                        "color": "#c00000" if mark else "#008000",
+                        "linespacing": 1.0,
+                    }
                     texts.append((x + tw / 2, cy, mark or "\u2713", style))
     for g in range(groups):
         for s in range(n_seeds):
             x0 = tile_x(g, s, 0)
-            texts.append((x0 + seed_w / 2, top - 20, f"seed {s}", {"fontsize": 8, "ha": "center", "va": "bottom",
-                                                                   "color": "dimgray"}))
+            texts.append(
+                (
+                    x0 + seed_w / 2,
+                    top - 20,
+                    f"seed {s}",
+                    {"fontsize": 8, "ha": "center", "va": "bottom", "color": "dimgray"},
+                )
+            )
             for m, name in enumerate(models):
-                texts.append((tile_x(g, s, m) + tw / 2, top - 4, name, {"fontsize": 9, "ha": "center",
-                                                                       "va": "bottom", "weight": "bold"}))
+                texts.append(
+                    (
+                        tile_x(g, s, m) + tw / 2,
+                        top - 4,
+                        name,
+                        {"fontsize": 9, "ha": "center", "va": "bottom", "weight": "bold"},
+                    )
+                )
     if title:
         texts.append((0, 4, title, {"fontsize": 9, "va": "top", "linespacing": 1.3}))
     ax.imshow(canvas, interpolation="nearest")
-    for x, y, text, style in texts:
-        ax.text(x - 0.5, y - 0.5, text, **style)  # imshow puts pixel i's centre at i
+    for tx, ty, text, text_style in texts:
+        ax.text(tx - 0.5, ty - 0.5, text, **text_style)  # imshow puts pixel i's centre at i
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
     ax.set_axis_off()

@@ -27,8 +27,11 @@ MARKS = {"color": "col", "background": "bg", "position": "pos", "size": "size", 
 def test_prompts(cfg: PipelineConfig) -> list[str]:
     """Held-out prompts: the world's test split on the demo, else the test split of the pairs."""
     world = cfg.paths.resolve("world") / "prompts.parquet"
-    table = pd.read_parquet(world) if cfg.model.preset == "demo" else pd.read_parquet(
-        cfg.paths.resolve("preferences") / "pairs.parquet")
+    table = (
+        pd.read_parquet(world)
+        if cfg.model.preset == "demo"
+        else pd.read_parquet(cfg.paths.resolve("preferences") / "pairs.parquet")
+    )
     prompts = sorted(set(table.prompt[table.split == "test"]))
     if not prompts:
         raise ValueError(f"no held-out (test split) prompts in {world}")
@@ -41,9 +44,9 @@ def policy_dirs(cfg: PipelineConfig) -> dict[str, Path | None]:
 
 def score_models(cfg: PipelineConfig, prompts: list[str]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, dict]:
     """Generate with every model on the same (prompt, seed) grid; oracle (demo) and reward scores."""
-    from prefalign.models.sampling import eval_grid, generate
     from prefalign.models.diffusion import load_policy_pipeline
     from prefalign.models.reward_model import RewardScorer
+    from prefalign.models.sampling import eval_grid, generate
 
     flat, seeds, prompt_ids = eval_grid(prompts, cfg.eval.images_per_prompt, cfg.seed)
     scorer = RewardScorer.load(cfg.paths.resolve("reward"))
@@ -51,8 +54,15 @@ def score_models(cfg: PipelineConfig, prompts: list[str]) -> tuple[dict[str, dic
     images: dict[str, np.ndarray] = {}
     for name, policy_dir in policy_dirs(cfg).items():
         pipe = load_policy_pipeline(cfg.base_model_dir(), policy_dir)
-        images[name] = generate(pipe, flat, seeds, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance,
-                                resolution=cfg.model.resolution, desc=f"evaluate {name}")
+        images[name] = generate(
+            pipe,
+            flat,
+            seeds,
+            steps=cfg.eval.sample_steps,
+            guidance=cfg.eval.guidance,
+            resolution=cfg.model.resolution,
+            desc=f"evaluate {name}",
+        )
         scores[name] = {"reward": scorer.score(flat, images[name])}
         if cfg.model.preset == "demo":
             from prefalign.world.oracle import oracle_scores
@@ -61,8 +71,9 @@ def score_models(cfg: PipelineConfig, prompts: list[str]) -> tuple[dict[str, dic
     return scores, prompt_ids, images
 
 
-def sample_accuracy(pipe, prompts: Sequence[str], images_per_prompt: int, seed: int, *, steps: int, guidance: float,
-                    resolution: int) -> tuple[dict[str, float], np.ndarray, list[str]]:
+def sample_accuracy(
+    pipe, prompts: Sequence[str], images_per_prompt: int, seed: int, *, steps: int, guidance: float, resolution: int
+) -> tuple[dict[str, float], np.ndarray, list[str]]:
     """Demo world: one pipeline's strict per-attribute accuracy and oracle mean on the evaluation's seeds.
 
     Args:
@@ -124,8 +135,10 @@ def check_grid(cfg: PipelineConfig, prompts: Sequence[str]) -> list[str]:
         ValueError: If the grid asks for more prompts than evaluated or more seeds than images per prompt.
     """
     if cfg.eval.grid_seeds > cfg.eval.images_per_prompt:
-        raise ValueError(f"eval.grid_seeds is {cfg.eval.grid_seeds} but eval.images_per_prompt is only "
-                         f"{cfg.eval.images_per_prompt} (the grid shows the evaluation's own images)")
+        raise ValueError(
+            f"eval.grid_seeds is {cfg.eval.grid_seeds} but eval.images_per_prompt is only "
+            f"{cfg.eval.images_per_prompt} (the grid shows the evaluation's own images)"
+        )
     return grid_prompts(prompts, cfg.eval.grid_prompts, cfg.seed)
 
 
@@ -158,21 +171,32 @@ def summarize(
     boot = {"n_boot": n_boot, "seed": seed}
     models: dict[str, dict[str, Any]] = {
         name: {f"{m}_{k}": v for m in s for k, v in mean_ci(s[m], prompt_ids, **boot).items()}
-        for name, s in scores.items()}
+        for name, s in scores.items()
+    }
     metrics = list(next(iter(scores.values())))
-    win_rates = {f"{a}_vs_{b}": {m: win_rate(scores[a][m], scores[b][m], prompt_ids, **boot) for m in metrics}
-                 for a, b in COMPARISONS if a in scores and b in scores}
+    win_rates = {
+        f"{a}_vs_{b}": {m: win_rate(scores[a][m], scores[b][m], prompt_ids, **boot) for m in metrics}
+        for a, b in COMPARISONS
+        if a in scores and b in scores
+    }
     out: dict[str, Any] = {"models": models, "win_rates": win_rates}
     if correctness is not None:
         for name, correct in correctness.items():
-            models[name]["accuracy"] = {k: mean_ci(np.asarray(v, np.float64), prompt_ids, **boot)
-                                        for k, v in correct.items()}
+            models[name]["accuracy"] = {
+                k: mean_ci(np.asarray(v, np.float64), prompt_ids, **boot) for k, v in correct.items()
+            }
         # Images are paired on (prompt, seed), so the per-image difference of 0/1 readings is a paired
         # estimate; resampling prompts keeps each prompt's images together, as for the win rates.
         out["accuracy_delta"] = {
-            f"{a}_vs_{b}": {k: mean_ci(np.asarray(correctness[a][k], np.float64) - np.asarray(correctness[b][k]),
-                                       prompt_ids, **boot) for k in correctness[b]}
-            for a, b in ACCURACY_COMPARISONS if a in correctness and b in correctness}
+            f"{a}_vs_{b}": {
+                k: mean_ci(
+                    np.asarray(correctness[a][k], np.float64) - np.asarray(correctness[b][k]), prompt_ids, **boot
+                )
+                for k in correctness[b]
+            }
+            for a, b in ACCURACY_COMPARISONS
+            if a in correctness and b in correctness
+        }
     return out
 
 
@@ -218,12 +242,17 @@ def sample_grid(
     index = np.array([[prompts.index(p) * images_per_prompt + s for s in range(seeds)] for p in chosen])
     tiles = np.stack([images[m][index] for m in names], axis=2)  # (prompts, seeds, models, H, W, 3)
     captions = [[[f"{scores[m][metric][i]:.2f}" for m in names] for i in row] for row in index]
-    marks = None if correctness is None else [[[_wrong_marks(correctness[m], i) for m in names] for i in row]
-                                              for row in index]
+    marks = (
+        None
+        if correctness is None
+        else [[[_wrong_marks(correctness[m], i) for m in names] for i in row] for row in index]
+    )
     title = f"held-out prompts, evaluation seeds 0-{seeds - 1}; under each image its {metric} score"
     if marks is not None:
-        title += ("\n\u2717 = attribute read wrong (strict): col colour, bg background, pos position, size, shape; "
-                  "\u2713 = all right")
+        title += (
+            "\n\u2717 = attribute read wrong (strict): col colour, bg background, pos position, size, shape; "
+            "\u2713 = all right"
+        )
     return comparison_grid(tiles, list(chosen), names, path, captions=captions, marks=marks, title=title)
 
 
@@ -253,8 +282,9 @@ def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]
         from prefalign.world.attributes import attribute_correctness
 
         flat = eval_grid(prompts, cfg.eval.images_per_prompt, cfg.seed)[0]
-        correctness = {name: attribute_correctness(flat, batch, image_size=cfg.model.resolution)
-                       for name, batch in images.items()}
+        correctness = {
+            name: attribute_correctness(flat, batch, image_size=cfg.model.resolution) for name, batch in images.items()
+        }
     summary = summarize(scores, prompt_ids, n_boot=cfg.eval.bootstrap, seed=cfg.seed, correctness=correctness)
     models, win_rates = summary["models"], summary["win_rates"]
     metrics = list(scores["base"])
@@ -264,14 +294,31 @@ def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]
         tracker.log_metrics({f"eval/{name}_acc_{a}": r["mean"] for a, r in values.get("accuracy", {}).items()})
     for key, result in win_rates.items():
         tracker.log_metrics({f"eval/{key}_{m}_rate": r["rate"] for m, r in result.items()})
-    figures = [sample_grid(images, scores, correctness, prompts, chosen, images_per_prompt=cfg.eval.images_per_prompt,
-                           seeds=cfg.eval.grid_seeds, path=out / "samples.png"),
-               win_rate_bars({f"{k} ({m})": r for k, v in win_rates.items() for m, r in v.items()},
-                             out / "win_rates.png", title="win rate (95% bootstrap CI over prompts)")]
+    figures = [
+        sample_grid(
+            images,
+            scores,
+            correctness,
+            prompts,
+            chosen,
+            images_per_prompt=cfg.eval.images_per_prompt,
+            seeds=cfg.eval.grid_seeds,
+            path=out / "samples.png",
+        ),
+        win_rate_bars(
+            {f"{k} ({m})": r for k, v in win_rates.items() for m, r in v.items()},
+            out / "win_rates.png",
+            title="win rate (95% bootstrap CI over prompts)",
+        ),
+    ]
     if correctness is not None:
-        figures.append(accuracy_grouped_bars({name: values["accuracy"] for name, values in models.items()},
-                                             out / "accuracy.png",
-                                             title="strict per-attribute accuracy (95% bootstrap CI over prompts)"))
+        figures.append(
+            accuracy_grouped_bars(
+                {name: values["accuracy"] for name, values in models.items()},
+                out / "accuracy.png",
+                title="strict per-attribute accuracy (95% bootstrap CI over prompts)",
+            )
+        )
     (out / "samples_prompts.txt").write_text("\n".join(chosen) + "\n")
     for path in figures:
         tracker.log_artifact(path, "figures")
@@ -284,7 +331,7 @@ def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]
         "seeds": f"image_seed(seed={cfg.seed}, prompt, i) for i < {cfg.eval.images_per_prompt}",
         "sampler": {"scheduler": "dpmsolver++", "steps": cfg.eval.sample_steps, "guidance": cfg.eval.guidance},
         "notes": "The reward model selected DRO's expert demonstrations, so its score is not an independent judge "
-                 "of DRO; on the demo world the oracle is.",
+        "of DRO; on the demo world the oracle is.",
     }
     if "accuracy_delta" in summary:
         report["accuracy_delta"] = summary["accuracy_delta"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from prefalign.training.reward import pairwise_accuracy
 from prefalign.world.annotators import bayes_accuracy, expected_accuracy
@@ -43,7 +43,7 @@ class CeilingResult:
     """
 
     expected_accuracy: float
-    pairwise_accuracy: float
+    pairwise_accuracy: float | None  # None when the test split has no decided pair
     oracle_agreement: float
     bayes_accuracy: float
     best_step: int
@@ -68,18 +68,28 @@ def oracle_metrics(data, score_w: np.ndarray, score_l: np.ndarray, *, tau: float
     oracle_w = oracle_scores(prompts, data.images[data.pair_w[decided]])
     oracle_l = oracle_scores(prompts, data.images[data.pair_l[decided]])
     model_w, model_l = score_w[decided], score_l[decided]
-    return {"bayes_accuracy": float(bayes_accuracy(oracle_w, oracle_l, tau=tau)),
-            "expected_accuracy": float(expected_accuracy(model_w, model_l, oracle_w, oracle_l, tau=tau)),
-            "oracle_agreement": float(np.mean(np.sign(model_w - model_l) == np.sign(oracle_w - oracle_l)))}
+    return {
+        "bayes_accuracy": float(bayes_accuracy(oracle_w, oracle_l, tau=tau)),
+        "expected_accuracy": float(expected_accuracy(model_w, model_l, oracle_w, oracle_l, tau=tau)),
+        "oracle_agreement": float(np.mean(np.sign(model_w - model_l) == np.sign(oracle_w - oracle_l))),
+    }
 
 
 def image_features(images: np.ndarray) -> np.ndarray:
     """float32 ``(N, 14)``: the oracle's measurements of uint8 ``(N, S, S, 3)`` images, scaled to about [0, 1]."""
     m = measure(images)
-    return np.concatenate([
-        m.found[:, None], m.background / 255.0, m.color / 255.0, m.centroid, np.log1p(m.area)[:, None] / 5.0,
-        m.shape_match, m.residual[:, None] / 50.0,
-    ], axis=1).astype(np.float32)
+    return np.concatenate(
+        [
+            m.found[:, None],
+            m.background / 255.0,
+            m.color / 255.0,
+            m.centroid,
+            np.log1p(m.area)[:, None] / 5.0,
+            m.shape_match,
+            m.residual[:, None] / 50.0,
+        ],
+        axis=1,
+    ).astype(np.float32)
 
 
 def prompt_features(prompts: list[str]) -> np.ndarray:
@@ -87,16 +97,24 @@ def prompt_features(prompts: list[str]) -> np.ndarray:
     rows = []
     for prompt in prompts:
         attributes = parse_prompt(prompt)
-        rows.append(np.concatenate([np.eye(len(values))[values.index(getattr(attributes, name))]
-                                    for name, values in DOMAINS.items()]))
+        rows.append(
+            np.concatenate(
+                [np.eye(len(values))[values.index(getattr(attributes, name))] for name, values in DOMAINS.items()]
+            )
+        )
     return np.asarray(rows, dtype=np.float32)
 
 
 class _CeilingModel(torch.nn.Module):
     def __init__(self, image_dim: int, prompt_dim: int, *, width: int, embed_dim: int) -> None:
         super().__init__()
-        self.image = torch.nn.Sequential(torch.nn.Linear(image_dim, width), torch.nn.GELU(),
-                                         torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, embed_dim))
+        self.image = torch.nn.Sequential(
+            torch.nn.Linear(image_dim, width),
+            torch.nn.GELU(),
+            torch.nn.Linear(width, width),
+            torch.nn.GELU(),
+            torch.nn.Linear(width, embed_dim),
+        )
         self.text = torch.nn.Linear(prompt_dim, embed_dim)
 
     def forward(self, image_features: torch.Tensor, prompt_features: torch.Tensor) -> torch.Tensor:
@@ -121,8 +139,19 @@ class _Split:
         return -(label * F.logsigmoid(gap) + (1 - label) * F.logsigmoid(-gap)).mean()
 
 
-def perception_ceiling(train, val, test, *, tau: float, seed: int = 0, steps: int = 4000, batch_size: int = 256,
-                       lr: float = 1e-3, width: int = 256, embed_dim: int = 64) -> CeilingResult:
+def perception_ceiling(
+    train,
+    val,
+    test,
+    *,
+    tau: float,
+    seed: int = 0,
+    steps: int = 4000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    width: int = 256,
+    embed_dim: int = 64,
+) -> CeilingResult:
     """Train the ceiling learner on ``train`` pairs, select on ``val`` BT loss, score the ``test`` pairs.
 
     Args:
@@ -145,8 +174,9 @@ def perception_ceiling(train, val, test, *, tau: float, seed: int = 0, steps: in
         raise ValueError("the test split has no decided pairs to score")
     splits = {name: _Split(data) for name, data in (("train", train), ("val", val), ("test", test))}
     torch.manual_seed(seed)
-    model = _CeilingModel(splits["train"].images.shape[1], splits["train"].prompts.shape[1], width=width,
-                          embed_dim=embed_dim)
+    model = _CeilingModel(
+        splits["train"].images.shape[1], splits["train"].prompts.shape[1], width=width, embed_dim=embed_dim
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     rng = np.random.default_rng(seed)
     best_loss, best_step, best_state = np.inf, 0, None
@@ -162,10 +192,10 @@ def perception_ceiling(train, val, test, *, tau: float, seed: int = 0, steps: in
             if val_loss < best_loss:
                 best_loss, best_step = val_loss, step
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert best_state is not None, "the first evaluation always keeps a state"
     model.load_state_dict(best_state)
     with torch.no_grad():
         gap = splits["test"].gaps(model).numpy()
     zeros = np.zeros_like(gap)
     accuracy = pairwise_accuracy(gap, zeros, test.pair_label)[0]
-    return CeilingResult(pairwise_accuracy=accuracy, best_step=best_step,
-                         **oracle_metrics(test, gap, zeros, tau=tau))
+    return CeilingResult(pairwise_accuracy=accuracy, best_step=best_step, **oracle_metrics(test, gap, zeros, tau=tau))

@@ -85,7 +85,9 @@ def diffusion_dro_loss(
     return F.relu((err_expert - ref_err_expert) - (err_policy - ref_err_policy) + margin)
 
 
-def diffusion_kto_loss(err: Tensor, ref_err: Tensor, desirable: Tensor, *, beta: float, kl_ref: Tensor | float) -> Tensor:
+def diffusion_kto_loss(
+    err: Tensor, ref_err: Tensor, desirable: Tensor, *, beta: float, kl_ref: Tensor | float
+) -> Tensor:
     """Diffusion-KTO (Li et al., NeurIPS 2024, arXiv 2404.04465) on binary feedback.
 
     Symbols: g = ref_err − err is the implicit reward of the image; z_ref = kl_ref the reference point
@@ -102,7 +104,9 @@ def diffusion_kto_loss(err: Tensor, ref_err: Tensor, desirable: Tensor, *, beta:
     return 1.0 - torch.sigmoid(beta * sign * (implicit_reward - kl_ref))
 
 
-def dpo_metrics(err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, *, beta: float) -> dict[str, float]:
+def dpo_metrics(
+    err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, *, beta: float
+) -> dict[str, float]:
     """Batch metrics beside the loss: implicit accuracy (share of z > 0), reward margin, model/ref errors."""
     with torch.no_grad():
         z = beta * dpo_margin(err_w, err_l, ref_err_w, ref_err_l)

@@ -153,14 +153,18 @@ def check_pipeline_folder(folder: str | Path) -> Path:
     path = Path(folder)
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise ValueError(f"base model {str(path)!r}: no model_index.json, so it is not a local diffusers pipeline folder")
+        raise ValueError(
+            f"base model {str(path)!r}: no model_index.json, so it is not a local diffusers pipeline folder"
+        )
     try:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"base model {str(path)!r}: model_index.json is not JSON ({err})") from None
     if "text_encoder_2" in index:
-        raise ValueError(f"base model {str(path)!r}: an SDXL pipeline ({index.get('_class_name')}); "
-                         "only single-text-encoder SD1.x/2.x folders are supported")
+        raise ValueError(
+            f"base model {str(path)!r}: an SDXL pipeline ({index.get('_class_name')}); "
+            "only single-text-encoder SD1.x/2.x folders are supported"
+        )
     missing = [name for name in PIPELINE_COMPONENTS if name not in index or not (path / name).is_dir()]
     if missing:
         raise ValueError(f"base model {str(path)!r}: missing component(s) {', '.join(missing)}")
@@ -175,7 +179,11 @@ def folder_fingerprint(folder: Path) -> dict[str, object]:
     from prefalign.versioning import files_sha256
 
     files = [p for p in Path(folder).rglob("*") if p.is_file()]
-    return {"sha256": files_sha256(Path(folder), files), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    return {
+        "sha256": files_sha256(Path(folder), files),
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+    }
 
 
 def load_base_pipeline(folder: Path, *, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
@@ -186,7 +194,11 @@ def load_base_pipeline(folder: Path, *, dtype: torch.dtype = torch.float32) -> S
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True,
+        str(folder),
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+        local_files_only=True,
         use_safetensors=True,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -202,8 +214,9 @@ def load_policy_pipeline(base_dir: Path, policy_dir: Path | None) -> StableDiffu
         return pipe
     policy_dir = Path(policy_dir)
     if (policy_dir / "unet" / "config.json").is_file():
-        pipe.unet = UNet2DConditionModel.from_pretrained(str(policy_dir / "unet"), local_files_only=True,
-                                                         use_safetensors=True)
+        pipe.unet = UNet2DConditionModel.from_pretrained(
+            str(policy_dir / "unet"), local_files_only=True, use_safetensors=True
+        )
     elif (policy_dir / LORA_FILE).is_file():
         pipe.load_lora_weights(str(policy_dir), weight_name=LORA_FILE)
         # Fused then unloaded: plain weights again, so the UNet saves and re-adapts like a base UNet.
@@ -257,8 +270,9 @@ def load_base_unet(base_dir: Path) -> UNet2DConditionModel:
     """The base UNet alone, in float32, from a local pipeline folder."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(str(Path(base_dir) / "unet"), local_files_only=True,
-                                                use_safetensors=True)
+    return UNet2DConditionModel.from_pretrained(
+        str(Path(base_dir) / "unet"), local_files_only=True, use_safetensors=True
+    )
 
 
 def unet_with_policy(base_dir: Path, policy_dir: Path | None) -> UNet2DConditionModel:

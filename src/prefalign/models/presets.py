@@ -61,7 +61,7 @@ class SD15Widths:
 
     def divided_by(self, divisor: int) -> SD15Widths:
         """Every width (and group count) divided by ``divisor``; raises if one does not divide."""
-        values = {
+        values: dict[str, Any] = {
             "unet_blocks": self.unet_blocks,
             "unet_norm_groups": self.unet_norm_groups,
             "vae_blocks": self.vae_blocks,
@@ -72,12 +72,11 @@ class SD15Widths:
         flat = [v for value in values.values() for v in (value if isinstance(value, tuple) else (value,))]
         if any(v % divisor for v in flat):
             raise ValueError(f"width divisor {divisor} does not divide every SD1.5 width {flat}")
-        return SD15Widths(
-            **{
-                key: tuple(v // divisor for v in value) if isinstance(value, tuple) else value // divisor
-                for key, value in values.items()
-            }
-        )
+        divided: dict[str, Any] = {
+            key: tuple(v // divisor for v in value) if isinstance(value, tuple) else value // divisor
+            for key, value in values.items()
+        }
+        return SD15Widths(**divided)
 
 
 SD15_WIDTHS = SD15Widths()

@@ -342,7 +342,9 @@ def load_backbone(
     if str(backbone) == "tiny":
         if tokenizer is None:
             raise ValueError("the tiny reward backbone needs the demo tokenizer (models.text.build_tokenizer)")
-        model = build_tiny_reward_model(tokenizer, image_size=image_size, embed_dim=embed_dim, seed=seed, **(tiny or {}))
+        model = build_tiny_reward_model(
+            tokenizer, image_size=image_size, embed_dim=embed_dim, seed=seed, **(tiny or {})
+        )
         scorer = RewardScorer(model, tokenizer)
     else:
         scorer = RewardScorer.load(backbone)

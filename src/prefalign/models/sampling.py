@@ -13,8 +13,15 @@ from prefalign.seeding import image_seed
 
 @torch.no_grad()
 def generate(
-    pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float, resolution: int,
-    batch_size: int = 128, desc: str = "generate",
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    batch_size: int = 128,
+    desc: str = "generate",
 ) -> np.ndarray:
     """uint8 (N, H, W, 3) images, image i from ``prompts[i]`` with its own generator seeded ``seeds[i]``.
 
@@ -25,7 +32,9 @@ def generate(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     pipe.set_progress_bar_config(disable=True)
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=5, disable=len(prompts) <= batch_size):
+    for start in tqdm(
+        range(0, len(prompts), batch_size), desc=desc, mininterval=5, disable=len(prompts) <= batch_size
+    ):
         chunk = slice(start, start + batch_size)
         images = pipe(
             prompt=list(prompts[chunk]),

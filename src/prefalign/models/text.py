@@ -9,6 +9,7 @@ split words unpredictably.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
     while True:
         counts: Counter[tuple[str, str]] = Counter()
         for symbols in segmented.values():
-            counts.update(zip(symbols, symbols[1:], strict=False))
+            counts.update(itertools.pairwise(symbols))
         if not counts:
             return merges
         # Ties broken by the pair itself so the files are identical on every machine.

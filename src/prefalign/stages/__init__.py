@@ -23,13 +23,28 @@ from prefalign.stages._common import (
     stage_out_dir,
 )
 
-__all__ = ["STAGES", "STAGE_OUTPUTS", "DataValidationError", "checkpoint_dir", "is_main_process", "run_stage",
-           "stage_out_dir"]
+__all__ = [
+    "STAGES",
+    "STAGE_OUTPUTS",
+    "DataValidationError",
+    "checkpoint_dir",
+    "is_main_process",
+    "run_stage",
+    "stage_out_dir",
+]
 
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = (
-    "world", "pretrain_base", "ingest", "validate", "featurize", "train_reward", "train_dpo", "train_dro", "evaluate",
+    "world",
+    "pretrain_base",
+    "ingest",
+    "validate",
+    "featurize",
+    "train_reward",
+    "train_dpo",
+    "train_dro",
+    "evaluate",
 )
 
 

@@ -23,7 +23,9 @@ def run_featurize(cfg: PipelineConfig) -> dict[str, Any]:
 
     torch_setup(cfg)
     out = fresh_dir(stage_out_dir("featurize", cfg))
-    with stage_run(cfg, "featurize", out_dir=out, upstream=[stage_path(cfg, "preferences"), stage_path(cfg, "base_model")]) as tracker:
+    with stage_run(
+        cfg, "featurize", out_dir=out, upstream=[stage_path(cfg, "preferences"), stage_path(cfg, "base_model")]
+    ) as tracker:
         summary = compute_features(cfg.base_model_dir(), stage_path(cfg, "preferences"), out, cfg.featurize)
         tracker.log_metrics({"featurize/images": summary["images"], "featurize/prompts": summary["prompts"]})
     return summary

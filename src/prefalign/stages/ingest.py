@@ -34,8 +34,9 @@ def run_ingest(cfg: PipelineConfig) -> dict[str, Any]:
         else:
             from prefalign.data.importers import import_preferences
 
-            result = import_preferences(cfg.data.source, _import_input(cfg), out, data=cfg.data,
-                                        validation=cfg.validation)
+            result = import_preferences(
+                cfg.data.source, _import_input(cfg), out, data=cfg.data, validation=cfg.validation
+            )
             summary = {**result.to_dict(), **{f"imported_{table}": n for table, n in result.imported.items()}}
         tracker.log_metrics({f"ingest/{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)})
     return summary
@@ -49,6 +50,7 @@ def _import_input(cfg: PipelineConfig) -> Path:
     suffix = {"hpd": ".json", "jsonl": ".jsonl"}[cfg.data.source]
     found = sorted(source.glob(f"*{suffix}"))
     if len(found) != 1:
-        raise ValueError(f"{source}: data.source={cfg.data.source!r} needs exactly one *{suffix} file here, "
-                         f"found {len(found)}")
+        raise ValueError(
+            f"{source}: data.source={cfg.data.source!r} needs exactly one *{suffix} file here, found {len(found)}"
+        )
     return found[0]

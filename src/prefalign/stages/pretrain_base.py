@@ -27,8 +27,10 @@ def run_pretrain_base(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.model.preset == "sd15":
         return _record_local_base(cfg)
     if cfg.model.preset != "demo":
-        raise ValueError(f"pretrain_base trains the demo model or records an sd15 folder; preset {cfg.model.preset!r} "
-                         "builds random weights for benchmarks/bench_align.py only")
+        raise ValueError(
+            f"pretrain_base trains the demo model or records an sd15 folder; preset {cfg.model.preset!r} "
+            "builds random weights for benchmarks/bench_align.py only"
+        )
     from prefalign.evaluation.figures import image_grid, loss_curve
     from prefalign.models.sampling import eval_grid, generate
     from prefalign.training.pretrain import pretrain_base
@@ -38,14 +40,27 @@ def run_pretrain_base(cfg: PipelineConfig) -> dict[str, Any]:
     out = fresh_dir(stage_out_dir("pretrain_base", cfg))
     world = np.load(stage_path(cfg, "world") / "pretrain.npz")
     with stage_run(cfg, "pretrain_base", out_dir=out, upstream=[stage_path(cfg, "world")]) as tracker:
-        result = pretrain_base(world["images"], list(world["captions"]), vocabulary_words(), cfg.model, cfg.pretrain,
-                               seed=cfg.seed, log_metrics=tracker.log_metrics)
+        result = pretrain_base(
+            world["images"],
+            list(world["captions"]),
+            vocabulary_words(),
+            cfg.model,
+            cfg.pretrain,
+            seed=cfg.seed,
+            log_metrics=tracker.log_metrics,
+        )
         result.pipeline.save_pretrained(str(out), safe_serialization=True)
         every = pd.read_parquet(stage_path(cfg, "world") / "prompts.parquet").prompt.tolist()
         prompts = every[:: max(1, len(every) // 8)][:8]
         flat, seeds, _ = eval_grid(prompts, 8, cfg.seed)
-        samples = generate(result.pipeline, flat, seeds, steps=cfg.eval.sample_steps, guidance=cfg.eval.guidance,
-                           resolution=cfg.model.resolution)
+        samples = generate(
+            result.pipeline,
+            flat,
+            seeds,
+            steps=cfg.eval.sample_steps,
+            guidance=cfg.eval.guidance,
+            resolution=cfg.model.resolution,
+        )
         # Figures sit beside the pipeline files: stock from_pretrained ignores them.
         log_figure(tracker, image_grid(samples, prompts, 8, out / "base_samples.png", title="base model samples"))
         log_figure(tracker, loss_curve(result.history, out / "pretrain_loss.png", title="pretraining loss"))
@@ -68,9 +83,13 @@ def _record_local_base(cfg: PipelineConfig) -> dict[str, Any]:
     folder = check_pipeline_folder(cfg.base_model_dir())
     out = fresh_dir(stage_out_dir("pretrain_base", cfg))
     with stage_run(cfg, "pretrain_base", out_dir=out) as tracker:
-        pointer = {"source": str(folder), **folder_fingerprint(folder)}
+        pointer: dict[str, Any] = {"source": str(folder), **folder_fingerprint(folder)}
         write_json(out / BASE_POINTER_FILE, pointer)
         tracker.log_params({"base_model/source": pointer["source"], "base_model/sha256": pointer["sha256"]})
-    log.info("pretrain_base: preset sd15 uses %s in place (sha256 %s, %d files)", folder, pointer["sha256"][:12],
-             pointer["files"])
+    log.info(
+        "pretrain_base: preset sd15 uses %s in place (sha256 %s, %d files)",
+        folder,
+        pointer["sha256"][:12],
+        pointer["files"],
+    )
     return pointer

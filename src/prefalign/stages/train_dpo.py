@@ -33,14 +33,25 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
     from prefalign.training.policy import train_dpo
 
     torch_setup(cfg)
-    with policy_stage_run(cfg, "train_dpo", [stage_path(cfg, "features"), stage_path(cfg, "base_model")]) as (out, tracker):
+    with policy_stage_run(cfg, "train_dpo", [stage_path(cfg, "features"), stage_path(cfg, "base_model")]) as (
+        out,
+        tracker,
+    ):
         pairs, ties = drop_ties(load_pairs(cfg, "train"))
         log.info("train_dpo: %d strict pairs, %d ties dropped", len(pairs), ties)
         tracker.log_params({"dpo.ties_dropped": ties, "dpo.train_pairs": len(pairs)})
         unet = load_base_unet(cfg.base_model_dir())
-        history = train_dpo(unet, pairs.image_w.tolist(), pairs.image_l.tolist(), pairs.prompt.tolist(),
-                            load_features(stage_path(cfg, "features")), cfg.dpo, seed=cfg.seed, log_metrics=tracker.log_metrics,
-                            checkpoint_dir=checkpoint_dir("train_dpo", cfg))
+        history = train_dpo(
+            unet,
+            pairs.image_w.tolist(),
+            pairs.image_l.tolist(),
+            pairs.prompt.tolist(),
+            load_features(stage_path(cfg, "features")),
+            cfg.dpo,
+            seed=cfg.seed,
+            log_metrics=tracker.log_metrics,
+            checkpoint_dir=checkpoint_dir("train_dpo", cfg),
+        )
         if not is_main_process():  # the trainer waited for every rank; rank 0 exports
             return {"rank": rank(), "steps": history.steps}
         save_lora(unet, out)

@@ -45,15 +45,25 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
             tracker.log_artifact(out / "experts.json")
         # The DPO adapter is merged into the weights, which become DRO's reference; a new adapter trains on top.
         unet = unet_with_policy(cfg.base_model_dir(), init_dir)
-        history = train_dro(unet, experts.image.tolist(), experts.prompt.tolist(), load_features(stage_path(cfg, "features")),
-                            cfg.dro, seed=cfg.seed, log_metrics=tracker.log_metrics,
-                            checkpoint_dir=checkpoint_dir("train_dro", cfg))
+        history = train_dro(
+            unet,
+            experts.image.tolist(),
+            experts.prompt.tolist(),
+            load_features(stage_path(cfg, "features")),
+            cfg.dro,
+            seed=cfg.seed,
+            log_metrics=tracker.log_metrics,
+            checkpoint_dir=checkpoint_dir("train_dro", cfg),
+        )
         if not is_main_process():
             return {"rank": rank(), "steps": history.steps}
         merge_and_strip_lora(unet)
         unet.save_pretrained(str(out / "unet"), safe_serialization=True)
-        summary = {"experts": len(experts), "init_from": cfg.dro.init_from,
-                   **finish_policy(cfg, tracker, out, history, "dro")}
+        summary = {
+            "experts": len(experts),
+            "init_from": cfg.dro.init_from,
+            **finish_policy(cfg, tracker, out, history, "dro"),
+        }
         write_json(out / "summary.json", summary)
     drop_checkpoints("train_dro", cfg)
     return summary

@@ -26,7 +26,9 @@ def run_train_reward(cfg: PipelineConfig) -> dict[str, Any]:
 
     torch_setup(cfg)
     out = fresh_dir(stage_out_dir("train_reward", cfg))
-    with stage_run(cfg, "train_reward", out_dir=out, upstream=[stage_path(cfg, "preferences"), stage_path(cfg, "world")]) as tracker:
+    with stage_run(
+        cfg, "train_reward", out_dir=out, upstream=[stage_path(cfg, "preferences"), stage_path(cfg, "world")]
+    ) as tracker:
         report = train_and_evaluate_reward(cfg, out, tracker, checkpoint_dir=checkpoint_dir("train_reward", cfg))
         write_json(stage_path(cfg, "reports") / "reward.json", report)
         tracker.log_metrics({f"reward/{k}": float(v) for k, v in report.items() if isinstance(v, int | float)})

@@ -24,12 +24,19 @@ def run_validate(cfg: PipelineConfig) -> dict[str, Any]:
     out = fresh_dir(stage_out_dir("validate", cfg))
     report_path = stage_path(cfg, "reports") / "validation.json"
     with stage_run(cfg, "validate", out_dir=out, upstream=[stage_path(cfg, "preferences")]) as tracker:
-        report = validate_preferences(stage_path(cfg, "preferences"), cfg.validation, report_path=report_path,
-                                      docs_dir=out / "data_docs", data=cfg.data)
+        report = validate_preferences(
+            stage_path(cfg, "preferences"),
+            cfg.validation,
+            report_path=report_path,
+            docs_dir=out / "data_docs",
+            data=cfg.data,
+        )
         tracker.log_artifact(report_path)
-        tracker.log_metrics({"validate/success": float(report.success),
-                             "validate/failed_expectations": float(len(report.failures()))})
+        tracker.log_metrics(
+            {"validate/success": float(report.success), "validate/failed_expectations": float(len(report.failures()))}
+        )
     if not report.success:
-        raise DataValidationError(f"{stage_path(cfg, 'preferences')} failed validation ({report_path}):\n  "
-                                  + "\n  ".join(report.failures()))
+        raise DataValidationError(
+            f"{stage_path(cfg, 'preferences')} failed validation ({report_path}):\n  " + "\n  ".join(report.failures())
+        )
     return {"success": True, "report": str(report_path)}

@@ -42,7 +42,11 @@ def run_world(cfg: PipelineConfig) -> dict[str, Any]:
             images.append(render(true, cfg.world.image_size, noise_sigma=sigma, rng=rng))
             captions.append(prompt_of(caption_attrs))
         np.savez_compressed(out / "pretrain.npz", images=np.stack(images), captions=np.array(captions))
-        summary = {"prompts": len(table), "splits": table.split.value_counts().to_dict(),
-                   "pretrain_images": len(images), "wrong_captions": int(wrong)}
+        summary = {
+            "prompts": len(table),
+            "splits": table.split.value_counts().to_dict(),
+            "pretrain_images": len(images),
+            "wrong_captions": int(wrong),
+        }
         tracker.log_metrics({"world/pretrain_images": len(images), "world/wrong_captions": int(wrong)})
     return summary

@@ -121,12 +121,19 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def _mismatch_message(root: Path, folder: Path, stored: Mapping[str, object], identity: RunIdentity) -> str:
     differs = [key for key, value in asdict(identity).items() if stored.get(key) != value]
-    names = {"config_sha": "training config", "seed": "seed", "data_sha": "training data",
-             "init_sha": "initial model weights", "num_processes": "number of processes"}
+    names = {
+        "config_sha": "training config",
+        "seed": "seed",
+        "data_sha": "training data",
+        "init_sha": "initial model weights",
+        "num_processes": "number of processes",
+    }
     what = ", ".join(names[key] for key in differs) or "fingerprint"
-    return (f"checkpoint folder {root} holds {folder.name} from a different run (differs in: {what}); "
-            f"resuming it would silently mix two configurations. Delete {root} to start afresh, or set "
-            f"paths.checkpoints to another folder.")
+    return (
+        f"checkpoint folder {root} holds {folder.name} from a different run (differs in: {what}); "
+        f"resuming it would silently mix two configurations. Delete {root} to start afresh, or set "
+        f"paths.checkpoints to another folder."
+    )
 
 
 def resumable_checkpoint(root: Path, identity: RunIdentity) -> Path | None:
@@ -197,8 +204,14 @@ def publish_checkpoint(tmp: Path, final: Path) -> Path:
 
 
 def save_training_state(
-    accelerator: Accelerator, root: Path, step: int, identity: RunIdentity, *, history: dict[str, list[float]],
-    shared: Mapping[str, Tensor] | None = None, local: Mapping[str, Tensor] | None = None,
+    accelerator: Accelerator,
+    root: Path,
+    step: int,
+    identity: RunIdentity,
+    *,
+    history: dict[str, list[float]],
+    shared: Mapping[str, Tensor] | None = None,
+    local: Mapping[str, Tensor] | None = None,
     export: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write ``<root>/step_<step>`` atomically (temporary sibling, then rename). Call on every process.
@@ -223,8 +236,10 @@ def save_training_state(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if local:
-        save_file({k: v.detach().cpu().contiguous() for k, v in local.items()},
-                  str(tmp / f"local_{accelerator.process_index}.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in local.items()},
+            str(tmp / f"local_{accelerator.process_index}.safetensors"),
+        )
     if accelerator.is_main_process:
         if shared:
             save_file({k: v.detach().cpu().contiguous() for k, v in shared.items()}, str(tmp / SHARED_FILE))

@@ -18,7 +18,12 @@ from prefalign.seeding import keyed_generator
 
 
 def keyed_timesteps_and_noise(
-    sample_ids: Sequence[int], *, seed: int, purpose: str, shape: tuple[int, ...], num_train_timesteps: int = 1000,
+    sample_ids: Sequence[int],
+    *,
+    seed: int,
+    purpose: str,
+    shape: tuple[int, ...],
+    num_train_timesteps: int = 1000,
     timestep_min: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """One (t, ε) per sample, drawn from a generator keyed by the sample's global index.
@@ -83,7 +88,9 @@ def stack_pair(
     scheduler, latents_w: Tensor, latents_l: Tensor, cond: Tensor, timesteps: Tensor, noise: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Winners then losers along the batch, noised with the same (t, ε): (x_t, t, c, ε) of size 2B."""
-    noisy = torch.cat([scheduler.add_noise(latents_w, noise, timesteps), scheduler.add_noise(latents_l, noise, timesteps)])
+    noisy = torch.cat(
+        [scheduler.add_noise(latents_w, noise, timesteps), scheduler.add_noise(latents_l, noise, timesteps)]
+    )
     return noisy, timesteps.repeat(2), cond.repeat(2, 1, 1), noise.repeat(2, 1, 1, 1)
 
 

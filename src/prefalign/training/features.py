@@ -68,8 +68,13 @@ def encode_images(vae, images: torch.Tensor, batch_size: int) -> torch.Tensor:
 def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int = 512) -> torch.Tensor:
     out = []
     for start in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[start : start + batch_size], padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts[start : start + batch_size],
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
         out.append(text_encoder(ids)[0])
     return torch.cat(out)
 

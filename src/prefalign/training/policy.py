@@ -91,7 +91,9 @@ def keyed_order(n_items: int, sample_ids: np.ndarray, *, seed: int, purpose: str
     return out
 
 
-def drop_prompts(text_rows: torch.Tensor, sample_ids: np.ndarray, rate: float, empty_row: int, *, seed: int) -> torch.Tensor:
+def drop_prompts(
+    text_rows: torch.Tensor, sample_ids: np.ndarray, rate: float, empty_row: int, *, seed: int
+) -> torch.Tensor:
     """Prompt dropout keyed by sample index (the same samples lose their prompt in every process)."""
     if rate <= 0:
         return text_rows
@@ -128,8 +130,12 @@ def make_accelerator(cfg: PolicyTrainerConfig) -> Accelerator:
         AcceleratorState._reset_state(reset_partial_state=False)
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the lr schedule num_processes
     # times per update, making warmup depend on the process count. We step it once per optimizer step.
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not on_cuda,
-                       step_scheduler_with_optimizer=False)
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=not on_cuda,
+        step_scheduler_with_optimizer=False,
+    )
 
 
 def make_optimizer(params: list[Tensor], cfg: DPOConfig | DROConfig):
@@ -141,8 +147,9 @@ def make_optimizer(params: list[Tensor], cfg: DPOConfig | DROConfig):
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        opt = Adafactor(params, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False,
-                        weight_decay=1e-2)
+        opt = Adafactor(
+            params, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=1e-2
+        )
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     warmup = max(1, cfg.warmup_steps)
@@ -178,9 +185,14 @@ class PolicyRun:
         return self.accelerator.device
 
     def sample_ids(self, step: int, micro: int, cfg: PolicyTrainerConfig, batch_size: int) -> np.ndarray:
-        return shard_sample_ids(step, micro, batch_size=batch_size, grad_accum=cfg.grad_accum,
-                                process_index=self.accelerator.process_index,
-                                num_processes=self.accelerator.num_processes)
+        return shard_sample_ids(
+            step,
+            micro,
+            batch_size=batch_size,
+            grad_accum=cfg.grad_accum,
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+        )
 
     def optimizer_step(self, max_grad_norm: float) -> float | None:
         """Clip, step and zero the gradients at the last micro-step of an update; None before it."""
@@ -199,13 +211,28 @@ class PolicyRun:
         reduced = self.accelerator.reduce(local, reduction="mean") if self.accelerator.num_processes > 1 else local
         return dict(zip(keys, reduced.tolist(), strict=True))
 
-    def maybe_checkpoint(self, steps_done: int, every: int, history: TrainHistory, *,
-                         shared: Mapping[str, Tensor] | None = None, local: Mapping[str, Tensor] | None = None,
-                         export: Callable[[Path], object] | None = None) -> None:
+    def maybe_checkpoint(
+        self,
+        steps_done: int,
+        every: int,
+        history: TrainHistory,
+        *,
+        shared: Mapping[str, Tensor] | None = None,
+        local: Mapping[str, Tensor] | None = None,
+        export: Callable[[Path], object] | None = None,
+    ) -> None:
         if self.checkpoint_dir is None or self.identity is None or every == 0 or steps_done % every:
             return
-        save_training_state(self.accelerator, self.checkpoint_dir, steps_done, self.identity,
-                            history=history.metrics, shared=shared, local=local, export=export)
+        save_training_state(
+            self.accelerator,
+            self.checkpoint_dir,
+            steps_done,
+            self.identity,
+            history=history.metrics,
+            shared=shared,
+            local=local,
+            export=export,
+        )
 
     def finish(self) -> None:
         """Back to a plain module (drops accelerate's autocast wrapper) and release accelerate's references."""
@@ -216,7 +243,13 @@ class PolicyRun:
 
 
 def start_policy_run(
-    unet, cfg: DPOConfig | DROConfig, *, seed: int, purpose: str, data_sha: str, checkpoint_dir: Path | None,
+    unet,
+    cfg: DPOConfig | DROConfig,
+    *,
+    seed: int,
+    purpose: str,
+    data_sha: str,
+    checkpoint_dir: Path | None,
 ) -> PolicyRun:
     """Checks, adapter, optimizer, ``accelerator.prepare`` and resume: everything before the first step.
 
@@ -227,8 +260,13 @@ def start_policy_run(
     accelerator = make_accelerator(cfg)
     identity, resume_from = None, None
     if checkpoint_dir is not None:
-        identity = RunIdentity(config_sha=config_sha(cfg), seed=seed, data_sha=data_sha, init_sha=weights_sha(unet),
-                               num_processes=accelerator.num_processes)
+        identity = RunIdentity(
+            config_sha=config_sha(cfg),
+            seed=seed,
+            data_sha=data_sha,
+            init_sha=weights_sha(unet),
+            num_processes=accelerator.num_processes,
+        )
         resume_from = resumable_checkpoint(checkpoint_dir, identity)
     # The adapter's random init is keyed, not taken from the global RNG: every process and every rerun
     # starts from the same weights whatever ran before in the process.
@@ -246,27 +284,55 @@ def start_policy_run(
         resumed = load_training_state(accelerator, resume_from)
         log.info("resuming from %s (step %d of %d)", resume_from, resumed.step, cfg.steps)
     unet.train()
-    return PolicyRun(accelerator, prepared, unet, params, optimizer, lr_scheduler, n_trainable, identity,
-                     checkpoint_dir, resumed)
+    return PolicyRun(
+        accelerator, prepared, unet, params, optimizer, lr_scheduler, n_trainable, identity, checkpoint_dir, resumed
+    )
 
 
 def _log_start(run: PolicyRun, method: str, cfg: DPOConfig | DROConfig, n_items: int, extra: str) -> None:
     acc = run.accelerator
     global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
     if acc.is_main_process:
-        log.info("%s: %d items, global batch %d (%d per micro-batch x %d accum x %d processes), %d steps, "
-                 "%d trainable LoRA params, %s, precision %s, optimizer %s, checkpoints %s%s", method, n_items,
-                 global_batch, cfg.batch_size, cfg.grad_accum, acc.num_processes, cfg.steps, run.n_trainable,
-                 acc.device, acc.mixed_precision, cfg.optimizer, run.checkpoint_dir or "off", extra)
+        log.info(
+            "%s: %d items, global batch %d (%d per micro-batch x %d accum x %d processes), %d steps, "
+            "%d trainable LoRA params, %s, precision %s, optimizer %s, checkpoints %s%s",
+            method,
+            n_items,
+            global_batch,
+            cfg.batch_size,
+            cfg.grad_accum,
+            acc.num_processes,
+            cfg.steps,
+            run.n_trainable,
+            acc.device,
+            acc.mixed_precision,
+            cfg.optimizer,
+            run.checkpoint_dir or "off",
+            extra,
+        )
 
 
 def _progress(run: PolicyRun, total: int, desc: str):
-    return tqdm(range(run.start_step, total), initial=run.start_step, total=total, desc=desc, mininterval=5,
-                disable=not run.accelerator.is_main_process)
+    return tqdm(
+        range(run.start_step, total),
+        initial=run.start_step,
+        total=total,
+        desc=desc,
+        mininterval=5,
+        disable=not run.accelerator.is_main_process,
+    )
 
 
-def _record(run: PolicyRun, history: TrainHistory, step: int, sums: dict[str, float], n_micro: int,
-            extra: dict[str, float], log_metrics: MetricsFn | None, log_every: int) -> None:
+def _record(
+    run: PolicyRun,
+    history: TrainHistory,
+    step: int,
+    sums: dict[str, float],
+    n_micro: int,
+    extra: dict[str, float],
+    log_metrics: MetricsFn | None,
+    log_every: int,
+) -> None:
     metrics = {**run.global_mean({k: v / n_micro for k, v in sums.items()}), **extra}
     history.append(metrics)
     if log_metrics and run.accelerator.is_main_process and step % log_every == 0:
@@ -281,13 +347,20 @@ def _add(sums: dict[str, float], values: dict[str, float]) -> None:
 def _dpo_micro_errors(run: PolicyRun, scheduler, data: _PairData, ids: np.ndarray, cfg: DPOConfig, seed: int):
     """(err_w, err_l, ref_err_w, ref_err_l) of the global samples ``ids`` (keyed item, t, ε, dropout)."""
     items = torch.from_numpy(keyed_order(data.n_pairs, ids, seed=seed, purpose="dpo-order"))
-    t, noise = keyed_timesteps_and_noise(ids, seed=seed, purpose="dpo", shape=data.latent_shape,
-                                         timestep_min=cfg.timestep_min)
+    t, noise = keyed_timesteps_and_noise(
+        ids, seed=seed, purpose="dpo", shape=data.latent_shape, timestep_min=cfg.timestep_min
+    )
     cond_rows = drop_prompts(data.rows_c[items], ids, cfg.prompt_dropout, data.feats.empty_prompt_row, seed=seed)
     to = run.device
     latents = data.feats.latents
-    noisy, t2, cond2, target = stack_pair(scheduler, latents[data.rows_w[items]].to(to), latents[data.rows_l[items]].to(to),
-                                          data.feats.text[cond_rows].to(to), t.to(to), noise.to(to))
+    noisy, t2, cond2, target = stack_pair(
+        scheduler,
+        latents[data.rows_w[items]].to(to),
+        latents[data.rows_l[items]].to(to),
+        data.feats.text[cond_rows].to(to),
+        t.to(to),
+        noise.to(to),
+    )
     err, ref_err = policy_and_reference_errors(run.unet, run.model, noisy, t2, cond2, target)
     batch = len(ids)
     return err[:batch], err[batch:], ref_err[:batch], ref_err[batch:]
@@ -310,8 +383,17 @@ class _PairData:
 
 
 def train_dpo(
-    unet, pairs_w: list[str], pairs_l: list[str], prompts: list[str], feats: Features, cfg: DPOConfig, *,
-    seed: int, log_metrics: MetricsFn | None = None, checkpoint_dir: Path | None = None, log_every: int = 10,
+    unet,
+    pairs_w: list[str],
+    pairs_l: list[str],
+    prompts: list[str],
+    feats: Features,
+    cfg: DPOConfig,
+    *,
+    seed: int,
+    log_metrics: MetricsFn | None = None,
+    checkpoint_dir: Path | None = None,
+    log_every: int = 10,
 ) -> TrainHistory:
     """Offline Diffusion-DPO with a fresh LoRA adapter on ``unet`` (its base weights are the reference).
 
@@ -337,8 +419,14 @@ def train_dpo(
     """
     if not pairs_w:
         raise ValueError("train_dpo: no training pairs (after dropping ties)")
-    run = start_policy_run(unet, cfg, seed=seed, purpose="dpo", checkpoint_dir=checkpoint_dir,
-                           data_sha=strings_sha(pairs_w, pairs_l, prompts))
+    run = start_policy_run(
+        unet,
+        cfg,
+        seed=seed,
+        purpose="dpo",
+        checkpoint_dir=checkpoint_dir,
+        data_sha=strings_sha(pairs_w, pairs_l, prompts),
+    )
     data = _PairData(feats, feats.latent_rows(pairs_w), feats.latent_rows(pairs_l), feats.text_rows(prompts))
     scheduler = make_scheduler("ddpm")
     _log_start(run, "DPO", cfg, len(pairs_w), f", beta {cfg.beta:g} ({cfg.variant})")
@@ -355,17 +443,27 @@ def train_dpo(
                 lr = run.lr_scheduler.get_last_lr()[0]
                 grad_norm = run.optimizer_step(cfg.max_grad_norm)
             _add(sums, {"loss": loss.item(), **dpo_metrics(*errs, beta=cfg.beta)})
-        _record(run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics,
-                log_every)
-        run.maybe_checkpoint(step + 1, cfg.checkpoint_every, history, export=lambda folder: save_lora(run.model, folder))
+        _record(
+            run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics, log_every
+        )
+        run.maybe_checkpoint(
+            step + 1, cfg.checkpoint_every, history, export=lambda folder: save_lora(run.model, folder)
+        )
     run.finish()
     return history
 
 
 @torch.no_grad()
 def record_trajectories(
-    unet, cond: Tensor, uncond: Tensor, *, steps: int, guidance: float, generator: torch.Generator | None = None,
-    initial_noise: Tensor | None = None, timesteps: list[int] | None = None,
+    unet,
+    cond: Tensor,
+    uncond: Tensor,
+    *,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None = None,
+    initial_noise: Tensor | None = None,
+    timesteps: list[int] | None = None,
 ):
     """Sample with DPM-Solver++ and record (x_t, t, ε_policy) at every step: x_t is the latent entering it.
 
@@ -403,7 +501,9 @@ def record_trajectories(
     return torch.stack(states), torch.stack(times), torch.stack(eps_all)
 
 
-def sampler_grid(steps: int, jitter: int, *, seed: int, round_id: int, num_train_timesteps: int = 1000) -> list[int] | None:
+def sampler_grid(
+    steps: int, jitter: int, *, seed: int, round_id: int, num_train_timesteps: int = 1000
+) -> list[int] | None:
     """The online sampler's timestep grid of one round: the solver's own grid shifted by a keyed offset.
 
     One offset o ~ U{−j, …, j} per round (keyed by seed and round, so every process uses the same grid)
@@ -435,8 +535,15 @@ class _ExpertData:
         return len(self.rows_x)
 
 
-def _record_round(run: PolicyRun, sampler_copy: ShadowWeights, data: _ExpertData, ids: np.ndarray, round_id: int,
-                  cfg: DROConfig, seed: int) -> dict[str, Tensor]:
+def _record_round(
+    run: PolicyRun,
+    sampler_copy: ShadowWeights,
+    data: _ExpertData,
+    ids: np.ndarray,
+    round_id: int,
+    cfg: DROConfig,
+    seed: int,
+) -> dict[str, Tensor]:
     """Trajectories of the lagged sampler adapter for the global samples ``ids`` (keyed x_T, keyed grid)."""
     items = torch.from_numpy(keyed_order(data.n_experts, ids, seed=seed, purpose="dro-order"))
     shape = tuple(data.feats.latents.shape[1:])
@@ -445,15 +552,29 @@ def _record_round(run: PolicyRun, sampler_copy: ShadowWeights, data: _ExpertData
     run.model.eval()
     cond_rows = drop_prompts(data.rows_c[items], ids, cfg.prompt_dropout, data.feats.empty_prompt_row, seed=seed)
     with sampler_copy.swapped_in(run.params), run.accelerator.autocast():
-        states, times, eps = record_trajectories(run.model, data.feats.text[cond_rows].to(run.device),
-                                                 data.uncond.to(run.device), steps=cfg.sample_steps,
-                                                 guidance=cfg.guidance, initial_noise=x_T, timesteps=grid)
+        states, times, eps = record_trajectories(
+            run.model,
+            data.feats.text[cond_rows].to(run.device),
+            data.uncond.to(run.device),
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
+            initial_noise=x_T,
+            timesteps=grid,
+        )
     run.model.train()
     return {"states": states, "times": times, "eps": eps}
 
 
-def _dro_micro_errors(run: PolicyRun, scheduler, data: _ExpertData, buffer: dict[str, Tensor], ids: np.ndarray,
-                      step: int, seed: int, cfg: DROConfig):
+def _dro_micro_errors(
+    run: PolicyRun,
+    scheduler,
+    data: _ExpertData,
+    buffer: dict[str, Tensor],
+    ids: np.ndarray,
+    step: int,
+    seed: int,
+    cfg: DROConfig,
+):
     """(err_expert, ref_err_expert, err_policy, ref_err_policy) of the global samples ``ids`` at ``step``.
 
     Each sample draws, keyed by (step, sample), which recorded state x_t it trains on and the fresh noise
@@ -486,22 +607,40 @@ def _dro_micro_errors(run: PolicyRun, scheduler, data: _ExpertData, buffer: dict
             eps_current = run.model(x_t, t, encoder_hidden_states=cond).sample.float()
         ref_err_policy = reference_errors(run.model, x_t, t, cond, eps_current)
         return err_expert, ref_err_expert, torch.zeros_like(ref_err_policy), ref_err_policy
-    err, ref_err = policy_and_reference_errors(run.unet, run.model, torch.cat([noisy_expert, x_t]), t.repeat(2),
-                                               cond.repeat(2, 1, 1), torch.cat([noise, target_pol]))
+    err, ref_err = policy_and_reference_errors(
+        run.unet,
+        run.model,
+        torch.cat([noisy_expert, x_t]),
+        t.repeat(2),
+        cond.repeat(2, 1, 1),
+        torch.cat([noise, target_pol]),
+    )
     return err[:batch], ref_err[:batch], err[batch:], ref_err[batch:]
 
 
 def _dro_metrics(err_expert, ref_err_expert, err_policy, ref_err_policy, margin: float) -> dict[str, float]:
     with torch.no_grad():
         diff = (err_expert - ref_err_expert) - (err_policy - ref_err_policy)
-        return {"err_expert": float(err_expert.mean()), "ref_err_expert": float(ref_err_expert.mean()),
-                "err_policy": float(err_policy.mean()), "ref_err_policy": float(ref_err_policy.mean()),
-                "active": float((diff + margin > 0).float().mean())}
+        return {
+            "err_expert": float(err_expert.mean()),
+            "ref_err_expert": float(ref_err_expert.mean()),
+            "err_policy": float(err_policy.mean()),
+            "ref_err_policy": float(ref_err_policy.mean()),
+            "active": float((diff + margin > 0).float().mean()),
+        }
 
 
 def train_dro(
-    unet, expert_shas: list[str], expert_prompts: list[str], feats: Features, cfg: DROConfig, *,
-    seed: int, log_metrics: MetricsFn | None = None, checkpoint_dir: Path | None = None, log_every: int = 10,
+    unet,
+    expert_shas: list[str],
+    expert_prompts: list[str],
+    feats: Features,
+    cfg: DROConfig,
+    *,
+    seed: int,
+    log_metrics: MetricsFn | None = None,
+    checkpoint_dir: Path | None = None,
+    log_every: int = 10,
 ) -> TrainHistory:
     """Hybrid Diffusion-DRO: a new LoRA on ``unet``, whose current weights are the reference θ_ref.
 
@@ -538,22 +677,38 @@ def train_dro(
     """
     if not expert_shas:
         raise ValueError("train_dro: no expert demonstrations")
-    run = start_policy_run(unet, cfg, seed=seed, purpose="dro", checkpoint_dir=checkpoint_dir,
-                           data_sha=strings_sha(expert_shas, expert_prompts))
+    run = start_policy_run(
+        unet,
+        cfg,
+        seed=seed,
+        purpose="dro",
+        checkpoint_dir=checkpoint_dir,
+        data_sha=strings_sha(expert_shas, expert_prompts),
+    )
     uncond = feats.text[feats.empty_prompt_row : feats.empty_prompt_row + 1]
     data = _ExpertData(feats, feats.latent_rows(expert_shas), feats.text_rows(expert_prompts), uncond)
     scheduler = make_scheduler("ddpm")
     sampler_copy = ShadowWeights(run.params)
     ema = ShadowWeights(run.params) if cfg.ema_decay > 0 else None
     buffers = _restore_dro_state(run, sampler_copy, ema, cfg)
-    _log_start(run, "DRO", cfg, len(expert_shas), f", reuse {cfg.reuse}, sync_every {cfg.sync_every}, "
-               f"timestep_jitter {cfg.timestep_jitter}, ema {cfg.ema_decay:g}")
+    _log_start(
+        run,
+        "DRO",
+        cfg,
+        len(expert_shas),
+        f", reuse {cfg.reuse}, sync_every {cfg.sync_every}, "
+        f"timestep_jitter {cfg.timestep_jitter}, ema {cfg.ema_decay:g}",
+    )
     history = TrainHistory.restored(run.resumed)
     for step in _progress(run, cfg.steps, "train dro"):
         round_id = step // cfg.reuse
         if step % cfg.reuse == 0:
-            buffers = [_record_round(run, sampler_copy, data, run.sample_ids(round_id, m, cfg, cfg.batch_size),
-                                     round_id, cfg, seed) for m in range(cfg.grad_accum)]
+            buffers = [
+                _record_round(
+                    run, sampler_copy, data, run.sample_ids(round_id, m, cfg, cfg.batch_size), round_id, cfg, seed
+                )
+                for m in range(cfg.grad_accum)
+            ]
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             ids = run.sample_ids(round_id, micro, cfg, cfg.batch_size)
@@ -569,12 +724,17 @@ def train_dro(
             sampler_copy.copy_from(run.params)
         if ema is not None:
             ema.ema_update(run.params, cfg.ema_decay)
-        _record(run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics,
-                log_every)
+        _record(
+            run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics, log_every
+        )
         mid_round = (step + 1) % cfg.reuse != 0
-        run.maybe_checkpoint(step + 1, cfg.checkpoint_every, history,
-                             shared={**sampler_copy.state("sampler."), **(ema.state("ema.") if ema else {})},
-                             local=_buffer_state(buffers) if mid_round else None)
+        run.maybe_checkpoint(
+            step + 1,
+            cfg.checkpoint_every,
+            history,
+            shared={**sampler_copy.state("sampler."), **(ema.state("ema.") if ema else {})},
+            local=_buffer_state(buffers) if mid_round else None,
+        )
     if ema is not None:
         ema.copy_into(run.params)
     run.finish()
@@ -582,8 +742,15 @@ def train_dro(
 
 
 def train_sft(
-    unet, expert_shas: list[str], expert_prompts: list[str], feats: Features, cfg: DROConfig, *,
-    seed: int, log_metrics: MetricsFn | None = None, log_every: int = 10,
+    unet,
+    expert_shas: list[str],
+    expert_prompts: list[str],
+    feats: Features,
+    cfg: DROConfig,
+    *,
+    seed: int,
+    log_metrics: MetricsFn | None = None,
+    log_every: int = 10,
 ) -> TrainHistory:
     """Supervised fine-tune on DRO's expert demonstrations: the DRO paper's "w/ SFT" control.
 
@@ -606,8 +773,9 @@ def train_sft(
     """
     if not expert_shas:
         raise ValueError("train_sft: no expert demonstrations")
-    run = start_policy_run(unet, cfg, seed=seed, purpose="sft", checkpoint_dir=None,
-                           data_sha=strings_sha(expert_shas, expert_prompts))
+    run = start_policy_run(
+        unet, cfg, seed=seed, purpose="sft", checkpoint_dir=None, data_sha=strings_sha(expert_shas, expert_prompts)
+    )
     rows_x, rows_c = feats.latent_rows(expert_shas), feats.text_rows(expert_prompts)
     scheduler = make_scheduler("ddpm")
     ema = ShadowWeights(run.params) if cfg.ema_decay > 0 else None
@@ -624,8 +792,9 @@ def train_sft(
             noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise, t)
             with run.accelerator.accumulate(run.unet):
                 with run.accelerator.autocast():
-                    err, ref_err = policy_and_reference_errors(run.unet, run.model, noisy, t,
-                                                               feats.text[cond_rows].to(run.device), noise)
+                    err, ref_err = policy_and_reference_errors(
+                        run.unet, run.model, noisy, t, feats.text[cond_rows].to(run.device), noise
+                    )
                     loss = err.mean()
                 run.accelerator.backward(loss)
                 lr = run.lr_scheduler.get_last_lr()[0]
@@ -633,8 +802,9 @@ def train_sft(
             _add(sums, {"loss": loss.item(), "err_expert": float(err.mean()), "ref_err_expert": float(ref_err.mean())})
         if ema is not None:
             ema.ema_update(run.params, cfg.ema_decay)
-        _record(run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics,
-                log_every)
+        _record(
+            run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics, log_every
+        )
     if ema is not None:
         ema.copy_into(run.params)
     run.finish()
@@ -645,8 +815,9 @@ def _buffer_state(buffers: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {f"buffer.{micro}.{key}": value for micro, buffer in enumerate(buffers) for key, value in buffer.items()}
 
 
-def _restore_dro_state(run: PolicyRun, sampler_copy: ShadowWeights, ema: ShadowWeights | None,
-                       cfg: DROConfig) -> list[dict[str, Tensor]] | None:
+def _restore_dro_state(
+    run: PolicyRun, sampler_copy: ShadowWeights, ema: ShadowWeights | None, cfg: DROConfig
+) -> list[dict[str, Tensor]] | None:
     """Sampler copy, EMA and (mid-round) the recorded trajectories from the checkpoint resumed from."""
     if run.resumed is None:
         return None
@@ -655,8 +826,10 @@ def _restore_dro_state(run: PolicyRun, sampler_copy: ShadowWeights, ema: ShadowW
         ema.load(run.resumed.shared, "ema.")
     if run.resumed.step % cfg.reuse == 0:
         return None
-    return [{key: run.resumed.local[f"buffer.{micro}.{key}"].to(run.device) for key in ("states", "times", "eps")}
-            for micro in range(cfg.grad_accum)]
+    return [
+        {key: run.resumed.local[f"buffer.{micro}.{key}"].to(run.device) for key in ("states", "times", "eps")}
+        for micro in range(cfg.grad_accum)
+    ]
 
 
 def merge_and_strip_lora(unet) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ MetricsFn = Callable[[dict[str, float], int], None]
 
 @dataclass
 class PretrainResult:
-    pipeline: object
+    pipeline: Any  # a diffusers StableDiffusionPipeline
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -46,7 +47,9 @@ def train_vae(vae, images: torch.Tensor, cfg: Pretrain, *, seed: int, log_metric
             log_metrics({"pretrain/vae_loss": history[-1]}, step)
     vae.eval()
     with torch.no_grad():
-        std = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, min(len(images), 2048), 512)]).std()
+        std = torch.cat(
+            [vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, min(len(images), 2048), 512)]
+        ).std()
     vae.register_to_config(scaling_factor=float(1.0 / std))
     return history
 
@@ -63,7 +66,9 @@ def encode_posteriors(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.cat(means) * scale, torch.cat(stds) * scale
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cfg: Pretrain, *, seed, log_metrics) -> list[float]:
+def train_unet(
+    unet, text_encoder, tokenizer, latents, latent_stds, captions, cfg: Pretrain, *, seed, log_metrics
+) -> list[float]:
     """ε-prediction MSE with caption dropout (so classifier-free guidance works).
 
     ``cfg.unet_lr_schedule`` cosine (the demo's) decays the rate to zero over the run: the stage has a few
@@ -73,7 +78,13 @@ def train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cf
 
     scheduler = diffusion.make_scheduler("ddpm")
     gen = torch.Generator().manual_seed(seed + 1)
-    ids = tokenizer(list(captions) + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        list(captions) + [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     empty_id = len(captions)
     frozen_text = None
     if not any(p.requires_grad for p in text_encoder.parameters()):  # frozen by freeze_text_encoder
@@ -81,8 +92,9 @@ def train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cf
             frozen_text = torch.cat([text_encoder(ids[i : i + 512])[0] for i in range(0, len(ids), 512)])
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if frozen_text is None else [])
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    sched = get_scheduler(cfg.unet_lr_schedule, opt, num_warmup_steps=min(50, cfg.unet_steps),
-                          num_training_steps=cfg.unet_steps)
+    sched = get_scheduler(
+        cfg.unet_lr_schedule, opt, num_warmup_steps=min(50, cfg.unet_steps), num_training_steps=cfg.unet_steps
+    )
     history = []
     unet.train(), text_encoder.train(frozen_text is None)
     for step in tqdm(range(cfg.unet_steps), desc="pretrain unet", mininterval=5):
@@ -136,12 +148,20 @@ def freeze_text_encoder(text_encoder, *, seed: int) -> None:
     from prefalign.seeding import keyed_generator
 
     with torch.no_grad():
-        text_encoder.get_input_embeddings().weight.normal_(0.0, 1.0, generator=keyed_generator(seed, "frozen-text-words"))
+        text_encoder.get_input_embeddings().weight.normal_(
+            0.0, 1.0, generator=keyed_generator(seed, "frozen-text-words")
+        )
     text_encoder.requires_grad_(False).eval()
 
 
 def pretrain_base(
-    images: np.ndarray, captions: list[str], words: list[str], model_cfg: ModelConfig, cfg: Pretrain, *, seed: int,
+    images: np.ndarray,
+    captions: list[str],
+    words: list[str],
+    model_cfg: ModelConfig,
+    cfg: Pretrain,
+    *,
+    seed: int,
     log_metrics: MetricsFn | None = None,
 ) -> PretrainResult:
     """Build the tiny SD from config and train it on (images, captions); returns a stock pipeline."""
@@ -158,6 +178,8 @@ def pretrain_base(
     if cfg.text_encoder == "frozen":
         freeze_text_encoder(text_encoder, seed=seed)
     captions = thin_position_phrases(captions, cfg.caption_position_rate, seed=seed)
-    unet_history = train_unet(unet, text_encoder, tokenizer, latents, latent_stds, captions, cfg, seed=seed, log_metrics=log_metrics)
+    unet_history = train_unet(
+        unet, text_encoder, tokenizer, latents, latent_stds, captions, cfg, seed=seed, log_metrics=log_metrics
+    )
     pipe = diffusion.assemble_pipeline(vae, text_encoder, tokenizer, unet)
     return PretrainResult(pipeline=pipe, history={"vae_loss": vae_history, "unet_loss": unet_history})

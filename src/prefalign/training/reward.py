@@ -2,7 +2,8 @@
 
 The loop stays linear: batch of pairs/rankings -> ``RewardScorer`` scores -> loss from
 ``prefalign.losses.reward`` -> backward -> AdamW step -> periodic validation -> early stopping on the
-validation loss (or accuracy, ``reward.select_on``), keeping the best weights. Every image of a split is decoded once, up front, into a uint8 tensor;
+validation loss (or accuracy, ``reward.select_on``), keeping the best weights.
+Every image of a split is decoded once, up front, into a uint8 tensor;
 batches index into it, so a step costs only the forward and backward passes.
 
 The one augmentation is the mirror (``reward.mirror_augment``): both images of a pair flipped
@@ -130,8 +131,15 @@ class RewardData:
             dropped = f" ({n_ties} ties dropped by keep_ties=False)" if n_ties and not keep_ties else ""
             raise ValueError(f"the {name!r} split has no pairs{dropped}: nothing to train or evaluate on")
         data = _assemble(pairs, rankings, load_image, name=name, resize_to=resize_to)
-        log.info("%s split: %d pairs (%d ties), %d rankings, %d images, %d prompts", name, data.n_pairs,
-                 int((data.pair_label == TIE).sum()), data.n_rankings, len(data.image_shas), len(data.prompts))
+        log.info(
+            "%s split: %d pairs (%d ties), %d rankings, %d images, %d prompts",
+            name,
+            data.n_pairs,
+            int((data.pair_label == TIE).sum()),
+            data.n_rankings,
+            len(data.image_shas),
+            len(data.prompts),
+        )
         return data
 
 
@@ -237,8 +245,9 @@ class _SplitTensors:
         return cls(data, input_ids, attention_mask, pixels)
 
 
-def _model_inputs(scorer: RewardScorer, prompts: list[str], images: np.ndarray, *,
-                  mirrored: bool) -> tuple[list[str], Tensor, Tensor, Tensor]:
+def _model_inputs(
+    scorer: RewardScorer, prompts: list[str], images: np.ndarray, *, mirrored: bool
+) -> tuple[list[str], Tensor, Tensor, Tensor]:
     """``(prompts, input_ids, attention_mask, uint8 pixels)`` on the model's device.
 
     With ``mirrored``, prompt row ``i + P`` is ``mirror_prompt`` of prompt ``i`` and image row ``j + M``
@@ -253,8 +262,9 @@ def _model_inputs(scorer: RewardScorer, prompts: list[str], images: np.ndarray, 
     return prompts, input_ids, attention_mask, pixels
 
 
-def _mirror_rows(tensors: _SplitTensors, prompt_rows: np.ndarray, image_rows: np.ndarray,
-                 flip: np.ndarray | None) -> tuple[Tensor, Tensor]:
+def _mirror_rows(
+    tensors: _SplitTensors, prompt_rows: np.ndarray, image_rows: np.ndarray, flip: np.ndarray | None
+) -> tuple[Tensor, Tensor]:
     """Prompt rows ``(N,)`` and image rows ``(N, ...)`` on the device, each example's moved to the mirrored
     copies (see ``_SplitTensors.of``) where its ``flip`` is True."""
     device = tensors.pixels.device
@@ -277,15 +287,17 @@ def _embed_image_rows(scorer: RewardScorer, tensors: _SplitTensors, rows: Tensor
 
 
 # ------------------------------------------------------------------------------------------ the losses
-def _pair_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray,
-                     flip: np.ndarray | None = None) -> tuple[Tensor, float]:
+def _pair_batch_loss(
+    scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray, flip: np.ndarray | None = None
+) -> tuple[Tensor, float]:
     """Weighted mean BT loss of pair ``rows`` (ties with the soft label) and the batch's accuracy.
 
     ``flip``: per pair, train on the mirrored pair (both images flipped, the prompt mirrored).
     """
     data, device = tensors.data, tensors.pixels.device
-    prompt_rows, image_rows = _mirror_rows(tensors, data.pair_prompt[rows],
-                                           np.stack([data.pair_w[rows], data.pair_l[rows]], axis=1), flip)
+    prompt_rows, image_rows = _mirror_rows(
+        tensors, data.pair_prompt[rows], np.stack([data.pair_w[rows], data.pair_l[rows]], axis=1), flip
+    )
     text = _embed_text_rows(scorer, tensors, prompt_rows)
     image_w, image_l = _embed_image_rows(scorer, tensors, image_rows.T)
     scale = scorer.logit_scale()
@@ -298,8 +310,9 @@ def _pair_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndar
     return loss, accuracy
 
 
-def _ranking_batch_loss(scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray,
-                        flip: np.ndarray | None = None) -> Tensor:
+def _ranking_batch_loss(
+    scorer: RewardScorer, tensors: _SplitTensors, rows: np.ndarray, flip: np.ndarray | None = None
+) -> Tensor:
     """Weighted mean Plackett–Luce loss of ranking ``rows`` (``flip``: per ranking, its mirrored copy)."""
     data, device = tensors.data, tensors.pixels.device
     assert data.ranking_prompt is not None and data.ranking_images is not None  # checked by the caller
@@ -320,7 +333,6 @@ def _batches(n_items: int, batch_size: int, *, seed: int, purpose: str) -> Itera
         for start in range(0, n_items - min(batch_size, n_items) + 1, min(batch_size, n_items)):
             yield order[start : start + batch_size]
         epoch += 1
-
 
 
 # ------------------------------------------------------------------------------------ backbone pretraining
@@ -391,6 +403,7 @@ def pretrain_contrastive(
     log.info("reward backbone pretrained: %d steps, final loss %.4f", steps, float(np.mean(losses[-20:])))
     return losses
 
+
 # ------------------------------------------------------------------------------------------- scoring
 @dataclass
 class PairScores:
@@ -412,10 +425,14 @@ class PairScores:
 def _all_embeddings(scorer: RewardScorer, tensors: _SplitTensors, batch_size: int) -> tuple[Tensor, Tensor]:
     """Unit text embeddings of every prompt and image embeddings of every image of the split."""
     n_prompts, n_images = len(tensors.input_ids), len(tensors.pixels)
-    text = [scorer.text_embeddings(tensors.input_ids[i : i + batch_size], tensors.attention_mask[i : i + batch_size])
-            for i in range(0, n_prompts, batch_size)]
-    image = [scorer.image_embeddings(scorer.normalise(tensors.pixels[i : i + batch_size]))
-             for i in range(0, n_images, batch_size)]
+    text = [
+        scorer.text_embeddings(tensors.input_ids[i : i + batch_size], tensors.attention_mask[i : i + batch_size])
+        for i in range(0, n_prompts, batch_size)
+    ]
+    image = [
+        scorer.image_embeddings(scorer.normalise(tensors.pixels[i : i + batch_size]))
+        for i in range(0, n_images, batch_size)
+    ]
     return torch.cat(text), torch.cat(image)
 
 
@@ -510,8 +527,10 @@ def expected_calibration_error(table: dict[str, list[Any]]) -> float | None:
     total = sum(table["count"])
     if total == 0:
         return None
-    return float(sum(c * abs(p - o) for p, o, c in zip(table["pred"], table["observed"], table["count"], strict=True)
-                     if c) / total)
+    return float(
+        sum(c * abs(p - o) for p, o, c in zip(table["pred"], table["observed"], table["count"], strict=True) if c)
+        / total
+    )
 
 
 def _metrics_of(scores: PairScores, data: RewardData) -> dict[str, Any]:
@@ -654,8 +673,9 @@ def _validate(scorer: RewardScorer, tensors: _SplitTensors) -> tuple[float, floa
     """Validation pairwise accuracy (NaN without decided pairs) and weighted BT loss (ties soft)."""
     scores = _score_tensors(scorer, tensors)
     accuracy, _, _ = pairwise_accuracy(scores.score_w, scores.score_l, scores.label)
-    losses = bradley_terry_loss(torch.from_numpy(scores.score_w), torch.from_numpy(scores.score_l),
-                                label=torch.from_numpy(scores.label))
+    losses = bradley_terry_loss(
+        torch.from_numpy(scores.score_w), torch.from_numpy(scores.score_l), label=torch.from_numpy(scores.label)
+    )
     loss = float((losses * torch.from_numpy(tensors.data.pair_weight)).mean())
     return (math.nan if accuracy is None else accuracy), loss
 
@@ -733,9 +753,16 @@ def training_fingerprint(cfg: RewardConfig, train: RewardData, seed: int) -> str
 
     A checkpoint resumes only a run with the same fingerprint; anything else would silently mix two runs.
     """
-    payload = json.dumps({"cfg": cfg.model_dump(mode="json"), "seed": seed, "images": train.image_shas,
-                          "pairs": [train.pair_w.tolist(), train.pair_l.tolist(), train.pair_label.tolist()],
-                          "prompts": train.prompts}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "cfg": cfg.model_dump(mode="json"),
+            "seed": seed,
+            "images": train.image_shas,
+            "pairs": [train.pair_w.tolist(), train.pair_l.tolist(), train.pair_label.tolist()],
+            "prompts": train.prompts,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -744,9 +771,17 @@ def _state_copy(model: torch.nn.Module) -> dict[str, Tensor]:
     return {name: value.detach().to("cpu").contiguous().clone() for name, value in model.state_dict().items()}
 
 
-def _save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     schedule: torch.optim.lr_scheduler.LambdaLR, best: _BestWeights,
-                     history: dict[str, list[float]], fingerprint: str, ema: ShadowWeights | None = None) -> Path:
+def _save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    best: _BestWeights,
+    history: dict[str, list[float]],
+    fingerprint: str,
+    ema: ShadowWeights | None = None,
+) -> Path:
     """Write ``root/step_<step>`` atomically (a temp folder, then one rename) and drop older checkpoints."""
     from safetensors.torch import save_file
 
@@ -760,8 +795,12 @@ def _save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: t
     if ema is not None:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.tensors.items()}, str(tmp / "ema.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "optimizer.pt")
-    meta = {"step": step, "fingerprint": fingerprint, "history": history,
-            "best": {"key": best.key, "accuracy": best.accuracy, "step": best.step, "stale": best.stale}}
+    meta = {
+        "step": step,
+        "fingerprint": fingerprint,
+        "history": history,
+        "best": {"key": best.key, "accuracy": best.accuracy, "step": best.step, "stale": best.stale},
+    }
     (tmp / CHECKPOINT_META).write_text(json.dumps(meta))
     publish_checkpoint(tmp, final)
     for _, older in complete_checkpoints(root):
@@ -782,14 +821,21 @@ def latest_checkpoint(root: Path | None, fingerprint: str) -> Path | None:
         return None
     newest = done[-1][1]
     if json.loads((newest / CHECKPOINT_META).read_text())["fingerprint"] != fingerprint:
-        raise ValueError(f"{newest}: a checkpoint of a different reward run (config, seed or data differ); "
-                         "delete that folder to start afresh, or point paths.checkpoints elsewhere")
+        raise ValueError(
+            f"{newest}: a checkpoint of a different reward run (config, seed or data differ); "
+            "delete that folder to start afresh, or point paths.checkpoints elsewhere"
+        )
     return newest
 
 
-def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     schedule: torch.optim.lr_scheduler.LambdaLR, best: _BestWeights,
-                     ema: ShadowWeights | None = None) -> tuple[int, dict[str, list[float]]]:
+def _load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    best: _BestWeights,
+    ema: ShadowWeights | None = None,
+) -> tuple[int, dict[str, list[float]]]:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(next(model.parameters()).device)))
@@ -856,7 +902,10 @@ def train_reward_model(
     train_tensors = _SplitTensors.of(scorer, train, mirrored=cfg.mirror_augment)
     val_tensors = _SplitTensors.of(scorer, val)
     optimizer, schedule = _optimizer(scorer.model, lr=cfg.lr, steps=cfg.steps)
-    best, history = _BestWeights(cfg.patience, cfg.select_on), {key: [] for key in ("step", "loss", "lr", "logit_scale")}
+    best, history = (
+        _BestWeights(cfg.patience, cfg.select_on),
+        {key: [] for key in ("step", "loss", "lr", "logit_scale")},
+    )
     params = _trainable_params(scorer.model)
     ema = ShadowWeights(params) if cfg.ema_decay > 0 else None
     fingerprint = training_fingerprint(cfg, train, seed)
@@ -868,17 +917,31 @@ def train_reward_model(
             next(pair_stream) if pair_stream else None
             next(ranking_stream) if ranking_stream else None
         log.info("reward training resumes at step %d from %s", start, resume)
-    log.info("reward training: loss=%s, %d train pairs, %d rankings, %d val pairs, up to %d steps of %d pairs",
-             cfg.loss, train.n_pairs, train.n_rankings, val.n_pairs, cfg.steps, cfg.batch_size)
+    log.info(
+        "reward training: loss=%s, %d train pairs, %d rankings, %d val pairs, up to %d steps of %d pairs",
+        cfg.loss,
+        train.n_pairs,
+        train.n_rankings,
+        val.n_pairs,
+        cfg.steps,
+        cfg.batch_size,
+    )
     scorer.model.train()
     steps_run = start
     bar = tqdm(range(start, cfg.steps), desc="train reward", disable=not progress, mininterval=2)
     for step in bar:
         if best.exhausted:  # resumed from a checkpoint written at the early stop
             break
-        metrics = _train_step(scorer, train_tensors, next(pair_stream) if pair_stream else None,
-                              next(ranking_stream) if ranking_stream else None, optimizer, schedule, accelerator,
-                              (seed, step) if cfg.mirror_augment else None)
+        metrics = _train_step(
+            scorer,
+            train_tensors,
+            next(pair_stream) if pair_stream else None,
+            next(ranking_stream) if ranking_stream else None,
+            optimizer,
+            schedule,
+            accelerator,
+            (seed, step) if cfg.mirror_augment else None,
+        )
         steps_run = step + 1
         if ema is not None:
             ema.ema_update(params, ema_decay_at(cfg.ema_decay, step))
@@ -892,15 +955,17 @@ def train_reward_model(
             with ema.swapped_in(params) if ema is not None else contextlib.nullcontext():
                 stop = _evaluate_and_check(scorer, val_tensors, best, history, steps_run, log_metrics, bar)
             if checkpoint_dir is not None:
-                _save_checkpoint(checkpoint_dir, steps_run, scorer.model, optimizer, schedule, best, history,
-                                 fingerprint, ema)
+                _save_checkpoint(
+                    checkpoint_dir, steps_run, scorer.model, optimizer, schedule, best, history, fingerprint, ema
+                )
             if stop:
                 log.info("early stopping at step %d: no better validation for %d evaluations", steps_run, cfg.patience)
                 break
     best.restore(scorer.model)
     scorer.model.eval()
-    log.info("reward training done: %d steps, best validation accuracy %.4f at step %d", steps_run, best.accuracy,
-             best.step)
+    log.info(
+        "reward training done: %d steps, best validation accuracy %.4f at step %d", steps_run, best.accuracy, best.step
+    )
     return TrainResult(best.accuracy, steps_run, history, best.step)
 
 
@@ -919,7 +984,9 @@ def _evaluate_and_check(
     for key, value in (("eval_step", float(step)), ("val_accuracy", accuracy), ("val_loss", loss)):
         history.setdefault(key, []).append(value)
     if log_metrics:
-        log_metrics({k: v for k, v in {"eval/pairwise_accuracy": accuracy, "eval/loss": loss}.items()
-                     if math.isfinite(v)}, step)
+        log_metrics(
+            {k: v for k, v in {"eval/pairwise_accuracy": accuracy, "eval/loss": loss}.items() if math.isfinite(v)},
+            step,
+        )
     bar.set_postfix(val_acc=f"{accuracy:.3f}", best=f"{best.accuracy:.3f}", refresh=False)
     return best.exhausted

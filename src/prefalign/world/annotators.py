@@ -80,8 +80,9 @@ def bayes_accuracy(score_w: ArrayLike, score_l: ArrayLike, *, tau: float) -> flo
     return float(np.mean(preference_probability(diff, 0.0, tau)))
 
 
-def expected_accuracy(model_w: ArrayLike, model_l: ArrayLike, oracle_w: ArrayLike, oracle_l: ArrayLike, *,
-                      tau: float) -> float:
+def expected_accuracy(
+    model_w: ArrayLike, model_l: ArrayLike, oracle_w: ArrayLike, oracle_l: ArrayLike, *, tau: float
+) -> float:
     """Expected accuracy of a model on labelled pairs, averaged over the annotators' draws.
 
     Where the model orders a pair as the oracle does, a fresh annotator agrees with it with probability

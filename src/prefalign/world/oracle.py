@@ -129,9 +129,7 @@ def _masked_median(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _border_median(images: np.ndarray) -> np.ndarray:
     """(N, 3) per-channel median of the border pixels: the background colour."""
-    border = np.concatenate(
-        [images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1
-    )
+    border = np.concatenate([images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1)
     return np.median(border, axis=1)
 
 
@@ -254,8 +252,13 @@ def _templates(side: int) -> dict[str, np.ndarray]:
 def _prompt_index(prompt: str) -> tuple[int, int, int, int, int]:
     """(shape, size, position, colour, background) indices of a grammar prompt."""
     a = parse_prompt(prompt)
-    return (SHAPES.index(a.shape), SIZES.index(a.size), POSITIONS.index(a.position),
-            list(COLORS).index(a.color), list(BACKGROUNDS).index(a.background))
+    return (
+        SHAPES.index(a.shape),
+        SIZES.index(a.size),
+        POSITIONS.index(a.position),
+        list(COLORS).index(a.color),
+        list(BACKGROUNDS).index(a.background),
+    )
 
 
 def _gauss(dist: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
@@ -292,8 +295,7 @@ def _terms(prompts: Sequence[str], m: Measurements, side: int) -> dict[str, np.n
     terms = {
         "color": _gauss(_color_distance(m.color, colors[col], m.background), COLOR_SCALE),
         "background": _gauss(np.linalg.norm(m.background - backgrounds[bgi], axis=1), BACKGROUND_SCALE),
-        "position": _gauss(np.linalg.norm(m.centroid - ref["centroid"][shape, size, pos], axis=1),
-                           POSITION_SCALE),
+        "position": _gauss(np.linalg.norm(m.centroid - ref["centroid"][shape, size, pos], axis=1), POSITION_SCALE),
         "size": _gauss(ratio, SIZE_SCALE),
         "shape": _shape_term(m, shape),
         "clean": _gauss(m.residual, CLEAN_SCALE),

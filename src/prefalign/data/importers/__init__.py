@@ -30,8 +30,9 @@ FORMATS = tuple(IMPORTERS)
 __all__ = ["FORMATS", "IMPORTERS", "ImportAbortedError", "ImportSummary", "import_preferences"]
 
 
-def import_preferences(fmt: str, input_path: Path, output_dir: Path, *, data: DataConfig,
-                       validation: Validation) -> ImportSummary:
+def import_preferences(
+    fmt: str, input_path: Path, output_dir: Path, *, data: DataConfig, validation: Validation
+) -> ImportSummary:
     """Import ``input_path`` (format ``fmt``) into the canonical folder ``output_dir``, append-only.
 
     Args:

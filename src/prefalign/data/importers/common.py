@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -97,9 +97,11 @@ class ImportSummary:
         imported = ", ".join(f"{n} {name}" for name, n in self.imported.items())
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items()))
         quarantine = f"{self.quarantined} quarantined" + (f" ({reasons})" if reasons else "")
-        return (f"{self.status}: {imported} from {self.read} {self.format} row(s) in {self.files_read} file(s) "
-                f"into {self.output}; {self.duplicates} duplicate(s), {self.ties} tie(s), "
-                f"{self.skipped} skipped, {quarantine}; {self.seconds:.1f} s")
+        return (
+            f"{self.status}: {imported} from {self.read} {self.format} row(s) in {self.files_read} file(s) "
+            f"into {self.output}; {self.duplicates} duplicate(s), {self.ties} tie(s), "
+            f"{self.skipped} skipped, {quarantine}; {self.seconds:.1f} s"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict, with ``status``."""
@@ -121,8 +123,9 @@ def clean_prompt(raw: object, *, max_chars: int) -> str:
     if not prompt:
         raise RowRejected("empty prompt", f"the prompt is empty or whitespace-only ({raw!r})")
     if len(prompt) > max_chars:
-        raise RowRejected("prompt too long",
-                          f"{len(prompt)} characters, above validation.max_prompt_chars={max_chars}")
+        raise RowRejected(
+            "prompt too long", f"{len(prompt)} characters, above validation.max_prompt_chars={max_chars}"
+        )
     return prompt
 
 
@@ -135,7 +138,7 @@ def to_utc(value: object) -> datetime | None:
     if value is None:
         return None
     if isinstance(value, datetime) and not isinstance(value, pd.Timestamp):  # the common case, kept cheap
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     try:
         stamp = pd.Timestamp(value)
     except (TypeError, ValueError) as err:
@@ -247,9 +250,18 @@ class PendingRow:
         self._session = session
         self.items: list[tuple[str, dict[str, Any]]] = []
 
-    def add_pair(self, prompt: str, image_w: str, image_l: str, label: float = 1.0, *,
-                 model_w: object = None, model_l: object = None, annotator: str | None = None,
-                 created_at: datetime | None = None) -> None:
+    def add_pair(
+        self,
+        prompt: str,
+        image_w: str,
+        image_l: str,
+        label: float = 1.0,
+        *,
+        model_w: object = None,
+        model_l: object = None,
+        annotator: str | None = None,
+        created_at: datetime | None = None,
+    ) -> None:
         """A pairwise judgement; ``label`` 1.0 (image_w preferred) or 0.5 (tie, images in source order).
 
         Raises:
@@ -258,13 +270,24 @@ class PendingRow:
         if image_w == image_l:
             raise RowRejected("identical images", f"winner and loser are the same image (sha {image_w[:12]}…)")
         tie = label == TIE_LABEL
-        self.items.append(("pairs", {
-            "pair_id": pair_id(prompt, image_w, image_l, tie=tie), "prompt": prompt, "image_w": image_w,
-            "image_l": image_l, "label": float(label), "source": self._session.source,
-            "split": self._session.split_of(prompt), "model_w": _optional_text(model_w),
-            "model_l": _optional_text(model_l),
-            "annotator": annotator, "created_at": created_at,
-        }))
+        self.items.append(
+            (
+                "pairs",
+                {
+                    "pair_id": pair_id(prompt, image_w, image_l, tie=tie),
+                    "prompt": prompt,
+                    "image_w": image_w,
+                    "image_l": image_l,
+                    "label": float(label),
+                    "source": self._session.source,
+                    "split": self._session.split_of(prompt),
+                    "model_w": _optional_text(model_w),
+                    "model_l": _optional_text(model_l),
+                    "annotator": annotator,
+                    "created_at": created_at,
+                },
+            )
+        )
 
     def add_ranking(self, prompt: str, images: Sequence[str]) -> None:
         """A strict ranking, images best first.
@@ -276,13 +299,22 @@ class PendingRow:
             raise RowRejected("invalid record", f"a ranking needs at least two images, got {len(images)}")
         if len(set(images)) != len(images):
             raise RowRejected("identical images", "the ranking lists the same stored image more than once")
-        self.items.append(("rankings", {
-            "ranking_id": content_id(prompt, list(images)), "prompt": prompt, "images": list(images),
-            "source": self._session.source, "split": self._session.split_of(prompt),
-        }))
+        self.items.append(
+            (
+                "rankings",
+                {
+                    "ranking_id": content_id(prompt, list(images)),
+                    "prompt": prompt,
+                    "images": list(images),
+                    "source": self._session.source,
+                    "split": self._session.split_of(prompt),
+                },
+            )
+        )
 
-    def add_ranked(self, prompt: str, images: Sequence[str], ranks: Sequence[float], *,
-                   annotator: str | None = None) -> None:
+    def add_ranked(
+        self, prompt: str, images: Sequence[str], ranks: Sequence[float], *, annotator: str | None = None
+    ) -> None:
         """A ranked list given as one rank per image (lower is better) and the pairs it implies.
 
         Distinct ranks give a ranking row (best first); equal ranks give no ranking row, since a
@@ -307,10 +339,19 @@ class PendingRow:
 
     def add_feedback(self, prompt: str, image: str, desirable: bool) -> None:
         """Binary feedback on one image."""
-        self.items.append(("feedback", {
-            "feedback_id": content_id(prompt, image, bool(desirable)), "prompt": prompt, "image": image,
-            "desirable": bool(desirable), "source": self._session.source, "split": self._session.split_of(prompt),
-        }))
+        self.items.append(
+            (
+                "feedback",
+                {
+                    "feedback_id": content_id(prompt, image, bool(desirable)),
+                    "prompt": prompt,
+                    "image": image,
+                    "desirable": bool(desirable),
+                    "source": self._session.source,
+                    "split": self._session.split_of(prompt),
+                },
+            )
+        )
 
 
 class ImportSession:
@@ -327,8 +368,9 @@ class ImportSession:
         ImportAbortedError: the output folder is a file or holds a table that cannot be read.
     """
 
-    def __init__(self, output_dir: Path, *, source: str, input_path: Path, data: DataConfig,
-                 validation: Validation) -> None:
+    def __init__(
+        self, output_dir: Path, *, source: str, input_path: Path, data: DataConfig, validation: Validation
+    ) -> None:
         self.output_dir = Path(output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ImportAbortedError(f"{self.output_dir}: output exists and is not a folder")
@@ -341,10 +383,12 @@ class ImportSession:
             "feedback": TableAppender(self.output_dir / TABLE_FILES["feedback"], FEEDBACK_SCHEMA, ("feedback_id",)),
         }
         # Identical quarantine rows (the same bad row imported twice) are kept once.
-        self.quarantine = TableAppender(self.output_dir / TABLE_FILES["quarantine"], QUARANTINE_SCHEMA,
-                                        ("source_file", "source_row", "reason"))
-        self.ingest = ImageIngest(IndexedImageStore(self.output_dir), min_side=validation.min_image_side,
-                                  max_side=validation.max_image_side)
+        self.quarantine = TableAppender(
+            self.output_dir / TABLE_FILES["quarantine"], QUARANTINE_SCHEMA, ("source_file", "source_row", "reason")
+        )
+        self.ingest = ImageIngest(
+            IndexedImageStore(self.output_dir), min_side=validation.min_image_side, max_side=validation.max_image_side
+        )
         self.summary = ImportSummary(format=source, input=str(input_path), output=str(self.output_dir))
         self._reasons: Counter[str] = Counter()
         self._unreadable: list[str] = []

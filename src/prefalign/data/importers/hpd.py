@@ -97,8 +97,11 @@ def _ranks(value: object, n_images: int) -> list[int]:
     Raises:
         RowRejected: not a list of integers as long as image_path.
     """
-    if (not isinstance(value, list) or len(value) != n_images
-            or not all(isinstance(r, int) and not isinstance(r, bool) for r in value)):
+    if (
+        not isinstance(value, list)
+        or len(value) != n_images
+        or not all(isinstance(r, int) and not isinstance(r, bool) for r in value)
+    ):
         raise RowRejected("invalid record", f"rank must list one integer per image ({n_images}), got {value!r:.80}")
     return value
 
@@ -109,10 +112,14 @@ def _preferred_index(value: object, n_images: int) -> int:
     Raises:
         RowRejected: not one 0/1 flag per image with exactly one 1.
     """
-    if (not isinstance(value, list) or len(value) != n_images
-            or not all(v in (0, 1) and not isinstance(v, float | str) for v in value)):
-        raise RowRejected("invalid record",
-                          f"human_preference must list one 0/1 flag per image ({n_images}), got {value!r:.80}")
+    if (
+        not isinstance(value, list)
+        or len(value) != n_images
+        or not all(v in (0, 1) and not isinstance(v, float | str) for v in value)
+    ):
+        raise RowRejected(
+            "invalid record", f"human_preference must list one 0/1 flag per image ({n_images}), got {value!r:.80}"
+        )
     winners = [i for i, v in enumerate(value) if v == 1]
     if len(winners) != 1:
         raise RowRejected("invalid record", f"human_preference must flag exactly one image, got {value!r:.80}")

@@ -158,8 +158,9 @@ class ImageIngest:
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
                 raise RowRejected("image too large", f"refused by Pillow's decompression bomb guard: {err}") from None
             except Image.UnidentifiedImageError:
-                raise RowRejected("unreadable image",
-                                  f"is not an image in a known format ({', '.join(ACCEPTED_FORMATS)})") from None
+                raise RowRejected(
+                    "unreadable image", f"is not an image in a known format ({', '.join(ACCEPTED_FORMATS)})"
+                ) from None
             except Exception as err:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ...)
                 raise RowRejected("unreadable image", f"does not decode: {_stable_message(err)}") from None
 
@@ -218,6 +219,7 @@ def resolve_inside(base_dir: Path, relative: object, what: str) -> Path:
         raise RowRejected("unsafe image path", f"{what} {relative!r} escapes the input folder {root}")
     real = lexical.resolve()
     if not real.is_relative_to(root):
-        raise RowRejected("unsafe image path",
-                          f"{what} {relative!r} is a symlink resolving outside the input folder {root}")
+        raise RowRejected(
+            "unsafe image path", f"{what} {relative!r} is a symlink resolving outside the input folder {root}"
+        )
     return real

@@ -92,9 +92,16 @@ def _import_line(raw: bytes, base_dir: Path, pending: PendingRow, session: Impor
     kind = record["type"]
     if kind == "pair":
         image_w, image_l = _images([record["image_w"], record["image_l"]], ["image_w", "image_l"], base_dir, session)
-        pending.add_pair(prompt, image_w, image_l, float(record.get("label", 1.0)), model_w=record.get("model_w"),
-                     model_l=record.get("model_l"), annotator=annotator_of(record.get("annotator")),
-                     created_at=to_utc(record.get("created_at")))
+        pending.add_pair(
+            prompt,
+            image_w,
+            image_l,
+            float(record.get("label", 1.0)),
+            model_w=record.get("model_w"),
+            model_l=record.get("model_l"),
+            annotator=annotator_of(record.get("annotator")),
+            created_at=to_utc(record.get("created_at")),
+        )
     elif kind == "ranking":
         names = [f"images[{i}]" for i in range(len(record["images"]))]
         images = _images(record["images"], names, base_dir, session)
@@ -107,8 +114,10 @@ def _import_line(raw: bytes, base_dir: Path, pending: PendingRow, session: Impor
 def _images(specs: list[str | dict[str, str]], names: list[str], base_dir: Path, session: ImportSession) -> list[str]:
     """Store the images a record names; every path is checked (and base64 decoded) before any file is read."""
     located = [_locate(spec, name, base_dir) for spec, name in zip(specs, names, strict=True)]
-    return [session.image_file(source, name) if isinstance(source, Path) else session.image(source, name)
-            for source, name in zip(located, names, strict=True)]
+    return [
+        session.image_file(source, name) if isinstance(source, Path) else session.image(source, name)
+        for source, name in zip(located, names, strict=True)
+    ]
 
 
 def _locate(spec: str | dict[str, str], what: str, base_dir: Path) -> Path | bytes:

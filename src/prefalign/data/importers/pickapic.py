@@ -135,8 +135,16 @@ def _import_row(row: dict[str, Any], pending: PendingRow, session: ImportSession
     if label_0 == 0.0:  # jpg_1 won
         first, second, model_0, model_1 = second, first, model_1, model_0
     label = TIE_LABEL if label_0 == TIE_LABEL else 1.0
-    pending.add_pair(prompt, first, second, label, model_w=model_0, model_l=model_1,
-                     annotator=annotator_of(row.get("user_id")), created_at=to_utc(row.get("created_at")))
+    pending.add_pair(
+        prompt,
+        first,
+        second,
+        label,
+        model_w=model_0,
+        model_l=model_1,
+        annotator=annotator_of(row.get("user_id")),
+        created_at=to_utc(row.get("created_at")),
+    )
 
 
 def _labels(label_0: object, label_1: object) -> float:
