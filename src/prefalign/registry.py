@@ -6,7 +6,7 @@
 - ``prefalign-reward`` versions are MLflow 3 LoggedModels holding the reward folder as saved by
   ``RewardScorer.save``; ``fetch_model_folder`` downloads one for ``RewardScorer.load``.
 - Registration is keyed by ``weights_sha`` (content hash of the ``*.safetensors`` files): re-running an
-  unchanged pipeline returns the existing version and registers nothing (DESIGN.md, "Orchestration").
+  unchanged pipeline returns the existing version and registers nothing (docs/design.md, "MLflow").
 - Promotion moves the ``champion`` alias only to a strictly better candidate; MLflow keeps no alias
   history, so the old champion is written into the new one's ``previous_champion`` tag first.
 

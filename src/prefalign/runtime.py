@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-# Every tool here phones home or tries the hub unless told not to (shared/references/ENVIRONMENT.md).
+# Every tool here phones home or tries the hub unless told not to (docs/design.md, "Offline").
 # Note DO_NOT_TRACK must be the literal "true": MLflow ignores "1".
 OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",

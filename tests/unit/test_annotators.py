@@ -7,13 +7,13 @@ import logging
 import numpy as np
 import pytest
 
-from prefalign.world import annotators
+from prefalign.data import pseudonym
+from prefalign.data.pseudonym import pseudonymise
 from prefalign.world.annotators import (
     annotate,
     bayes_accuracy,
     expected_accuracy,
     preference_probability,
-    pseudonymise,
 )
 
 
@@ -96,11 +96,11 @@ def test_pseudonymise_reads_the_key_from_the_environment(monkeypatch):
 
 def test_missing_key_falls_back_to_the_demo_key_and_warns_once(monkeypatch, caplog):
     monkeypatch.delenv("PREFALIGN_ANNOTATOR_KEY", raising=False)
-    monkeypatch.setattr(annotators, "_warned_demo_key", False)
-    with caplog.at_level(logging.WARNING, logger="prefalign.world.annotators"):
+    monkeypatch.setattr(pseudonym, "_warned_demo_key", False)
+    with caplog.at_level(logging.WARNING, logger="prefalign.data.pseudonym"):
         first = pseudonymise("alice")
         pseudonymise("bob")
-    assert first == pseudonymise("alice", key=annotators.DEMO_KEY)
+    assert first == pseudonymise("alice", key=pseudonym.DEMO_KEY)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert annotators.DEMO_KEY not in caplog.text  # the key itself is never logged
+    assert pseudonym.DEMO_KEY not in caplog.text  # the key itself is never logged

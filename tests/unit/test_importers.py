@@ -27,6 +27,7 @@ from prefalign.data.importers import FORMATS, ImportAbortedError, import_prefere
 from prefalign.data.importers.common import WHOLE_FILE_ROW
 from prefalign.data.importers.images import ImageIngest
 from prefalign.data.importers.pickapic import BATCH_ROWS
+from prefalign.data.pseudonym import pseudonymise
 from prefalign.data.schema import (
     FEEDBACK_SCHEMA,
     PAIRS_SCHEMA,
@@ -35,7 +36,6 @@ from prefalign.data.schema import (
     ImageStore,
     read_table,
 )
-from prefalign.world.annotators import pseudonymise
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "params.yaml"

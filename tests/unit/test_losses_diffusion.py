@@ -1,6 +1,7 @@
 """Diffusion preference losses against hand-computed values and gradient signs."""
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -74,7 +75,6 @@ def test_dpo_rejects_bad_beta_and_variant():
 
 
 def test_dpo_variants_cover_config_literal():
-    from typing import get_args
 
     for variant in get_args(DPOVariant):
         assert diffusion_dpo_loss(ERR_W, ERR_L, REF_W, REF_L, beta=8.0, variant=variant).shape == (1,)
@@ -123,3 +123,9 @@ def test_dpo_metrics():
 
 def test_policy_losses_registry():
     assert set(POLICY_LOSSES) == {"dpo", "dro", "kto"}
+
+
+def test_loss_variants_are_the_configs():
+    from prefalign.losses.diffusion import DPO_VARIANTS
+
+    assert get_args(DPOVariant) == DPO_VARIANTS

@@ -71,8 +71,9 @@ def _sha(*parts: str) -> str:
 def _judge(cfg: PipelineConfig, images: pd.DataFrame, split_of: dict[str, str]) -> tuple[list, list, list]:
     """Pairs, rankings and binary feedback from simulated annotators."""
     from prefalign.data.prepare import pair_id
+    from prefalign.data.pseudonym import pseudonymise
     from prefalign.seeding import numpy_rng
-    from prefalign.world.annotators import annotate, pseudonymise
+    from prefalign.world.annotators import annotate
 
     rng = numpy_rng(cfg.seed, "annotators")
     tau = cfg.world.annotator_tau

@@ -1,7 +1,7 @@
 """The canonical tables of ``data/preferences/`` and its content-addressed image store.
 
 A canonical folder holds ``pairs.parquet``, ``rankings.parquet``, ``feedback.parquet`` and
-``quarantine.parquet`` (shared/DESIGN.md, "Canonical data") plus ``images/<sha[:2]>/<sha>.<ext>``.
+``quarantine.parquet`` (docs/design.md, "Canonical data") plus ``images/<sha[:2]>/<sha>.<ext>``.
 Rows name images by the sha256 of their stored bytes, never by position, so tables and images can be
 merged, re-imported and DVC-versioned without renumbering anything.
 

@@ -113,3 +113,17 @@ def beats(result: dict[str, Any]) -> bool:
         ``result["ci_low"] > 0.5``.
     """
     return bool(result["ci_low"] > 0.5)
+
+
+def pairwise_accuracy(score_w: np.ndarray, score_l: np.ndarray, label: np.ndarray) -> tuple[float | None, int, int]:
+    """Share of decided pairs (label 1.0) ranked right, equal scores counting half; ties are excluded.
+
+    Returns:
+        ``(accuracy or None when no pair is decided, decided pairs, ties excluded)``.
+    """
+    decided = label == 1.0  # ties (0.5) are excluded
+    n_pairs, n_ties = int(decided.sum()), int((~decided).sum())
+    if n_pairs == 0:
+        return None, 0, n_ties
+    gap = score_w[decided] - score_l[decided]
+    return float(((gap > 0) + 0.5 * (gap == 0)).mean()), n_pairs, n_ties

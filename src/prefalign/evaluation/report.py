@@ -257,7 +257,7 @@ def sample_grid(
 
 
 def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]:
-    """Write figures into ``out`` and return the ``reports/eval.json`` payload (DESIGN.md, "Reports").
+    """Write figures into ``out`` and return the ``reports/eval.json`` payload (docs/design.md, "Reports").
 
     Args:
         cfg: The pipeline config.

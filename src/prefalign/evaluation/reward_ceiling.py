@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from prefalign.training.reward import pairwise_accuracy
+from prefalign.evaluation.metrics import pairwise_accuracy
 from prefalign.world.annotators import bayes_accuracy, expected_accuracy
 from prefalign.world.grammar import DOMAINS, parse_prompt
 from prefalign.world.oracle import measure, oracle_scores

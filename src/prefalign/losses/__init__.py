@@ -2,5 +2,5 @@
 
 ``reward`` holds the reward-model objectives (Bradley–Terry, Plackett–Luce) and ``diffusion`` the policy
 objectives (Diffusion-DPO, -DRO, -KTO). Every function takes per-sample tensors and returns the per-sample
-loss; callers average (shared/DESIGN.md, "Loss contract").
+loss; callers average (docs/design.md, "Loss contract").
 """

@@ -1,6 +1,6 @@
 """Preference losses on denoising errors: Diffusion-DPO, Diffusion-DRO, Diffusion-KTO.
 
-Conventions shared by every function here (DESIGN.md, "Loss contract"):
+Conventions shared by every function here (docs/design.md, "Loss contract"):
 
 * ``err`` is the per-sample **mean** squared denoising error over C×H×W, ||ε_θ(x_t, t, c) − ε||² / D,
   in float32; lower is better. ``ref_err`` is the same error of the frozen reference (the UNet with its
@@ -12,13 +12,13 @@ Conventions shared by every function here (DESIGN.md, "Loss contract"):
 
 from __future__ import annotations
 
-from typing import get_args
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefalign.config import DPOVariant
+# The loss module stays free of the config (losses are the bottom layer); test_losses_diffusion checks
+# that these are the names config.DPOVariant accepts.
+DPO_VARIANTS = ("sigmoid", "hinge", "ipo")
 
 
 def dpo_margin(err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor) -> Tensor:
@@ -64,7 +64,7 @@ def diffusion_dpo_loss(
         case "ipo":
             return (margin - 1.0 / (2.0 * beta)) ** 2
         case _:
-            raise ValueError(f"unknown DPO variant {variant!r}; expected one of {get_args(DPOVariant)}")
+            raise ValueError(f"unknown DPO variant {variant!r}; expected one of {DPO_VARIANTS}")
 
 
 def diffusion_dro_loss(

@@ -1,6 +1,6 @@
 """Reward-model losses on scalar scores: Bradley–Terry on pairs, Plackett–Luce on ranked lists.
 
-Conventions shared by every function here (shared/DESIGN.md, "Loss contract"):
+Conventions shared by every function here (docs/design.md, "Loss contract"):
 
 * A score s = r_φ(prompt, image) is the reward model's scalar output; higher means more preferred.
   For the CLIP-style scorer, s = exp(logit_scale) · cos(text, image).

@@ -63,8 +63,8 @@ def build_tiny_vae(cfg: ModelConfig) -> AutoencoderKL:
 def build_tiny_unet(cfg: ModelConfig, latent_size: int) -> UNet2DConditionModel:
     """Demo UNet on latents; cross-attention below the top level only.
 
-    Attention at the full latent resolution costs more than it gives here (DEMO_WORLD_NOTES.md measured
-    5-10x slower steps). Three levels (8x8, 4x4, 2x2 latents) on the demo: a convolution's zero padding is
+    Attention at the full latent resolution costs more than it gives here (measured on the first
+    demo trial: 5-10x slower steps). Three levels (8x8, 4x4, 2x2 latents) on the demo: a convolution's zero padding is
     the only thing that tells a UNet where it is, and at the 2x2 level every cell is a different corner,
     one per quadrant. With two levels the base never learned to read the position words (its output
     changed 0.4-0.9% when only the position word changed, against 4-16% for the other words) and no

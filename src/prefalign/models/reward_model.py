@@ -1,6 +1,6 @@
 """Reward model: a CLIP-style dual encoder whose score is exp(logit_scale) · cos(text, image).
 
-This is PickScore's and HPSv2's architecture (shared/references/ALGORITHMS.md, section 4): a stock
+This is PickScore's (Kirstain et al. 2023) and HPSv2's (Wu et al. 2023) architecture: a stock
 transformers ``CLIPModel``, so a trained reward model is a plain CLIP folder that
 ``CLIPModel.from_pretrained`` loads anywhere. On the demo world the backbone is a tiny CLIP built from
 config with the grammar's word-level tokenizer; on real data it is a local CLIP folder (never a hub id).
@@ -295,7 +295,7 @@ class RewardScorer:
 def freeze_all_but_last_layers(model: CLIPModel, n_layers: int) -> None:
     """Train only the projections, ``logit_scale`` and the last ``n_layers`` of each tower.
 
-    HPSv2-style partial freezing (shared/references/ALGORITHMS.md, section 4): with few labels, training the
+    HPSv2-style partial freezing (Wu et al. 2023, arXiv 2306.09341): with few labels, training the
     top of a pretrained CLIP keeps its general features. With ``n_layers`` ≥ 1 each tower's final norm
     (which sits on top of its last layer) trains too; ``n_layers`` = 0 is a linear probe of the projections.
     """

@@ -650,7 +650,8 @@ def train_dro(
     updates. With M = 1 (as published) the recorded ε_pol equals ε_φ at the sampled states up to the
     updates since the round was recorded: P_φ = ||ε_φ − ε_pol||² is then ~0 with ~zero gradient, and the
     policy term acts as a data-dependent threshold P_ref = ||ε_ref − ε_pol||², not as a repulsive force
-    (ALGORITHMS.md §2.2). M > 1 makes it a repulsion from a policy lagging up to M updates behind.
+    (Wu et al. 2025, arXiv 2510.18353, Alg. 1). M > 1 makes it a repulsion from a policy lagging up to M
+    updates behind.
     The timestep grid of each round is shifted by a per-round keyed offset in [−j, j]
     (``cfg.timestep_jitter``, see ``sampler_grid``).
 

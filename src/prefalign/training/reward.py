@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from prefalign.config import RewardConfig
 from prefalign.data.prepare import mirror_prompt
+from prefalign.evaluation.metrics import pairwise_accuracy
 from prefalign.losses.reward import bradley_terry_loss, clip_contrastive_loss, plackett_luce_loss
 from prefalign.models.reward_model import MAX_LOGIT_SCALE, RewardScorer, resize_image
 from prefalign.seeding import derive_seed
@@ -466,20 +467,6 @@ def score_split(scorer: RewardScorer, data: RewardData, *, batch_size: int = 512
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def pairwise_accuracy(score_w: np.ndarray, score_l: np.ndarray, label: np.ndarray) -> tuple[float | None, int, int]:
-    """Share of decided pairs (label 1.0) ranked right, equal scores counting half; ties are excluded.
-
-    Returns:
-        ``(accuracy or None when no pair is decided, decided pairs, ties excluded)``.
-    """
-    decided = label == WIN
-    n_pairs, n_ties = int(decided.sum()), int((~decided).sum())
-    if n_pairs == 0:
-        return None, 0, n_ties
-    gap = score_w[decided] - score_l[decided]
-    return float(((gap > 0) + 0.5 * (gap == 0)).mean()), n_pairs, n_ties
-
-
 def ranking_metrics(ranking_scores: np.ndarray, mask: np.ndarray) -> tuple[float | None, float | None]:
     """Mean Kendall τ (τ-a, score ties count 0) between scores and the true order, and top-1 accuracy."""
     taus, top1 = [], []

@@ -7,21 +7,12 @@ tau is known, the best accuracy any reward model can reach on held-out pairs is 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import os
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 log = logging.getLogger(__name__)
-
-KEY_ENV = "PREFALIGN_ANNOTATOR_KEY"
-# Used only when the environment has no key, so the demo runs out of the box. It is public, so ids
-# hashed with it are NOT pseudonymous: production sets PREFALIGN_ANNOTATOR_KEY.
-DEMO_KEY = "prefalign-demo-annotator-key"
-_warned_demo_key = False
 
 
 def preference_probability(score_a: ArrayLike, score_b: ArrayLike, tau: float) -> np.ndarray:
@@ -106,29 +97,3 @@ def expected_accuracy(
     # Where the oracle sees no difference, the annotator flips a fair coin whatever the model says.
     same_order = np.sign(model_gap) * np.sign(oracle_gap)
     return float(np.mean(np.where(same_order > 0, agree_p, np.where(same_order < 0, 1.0 - agree_p, 0.5))))
-
-
-def _annotator_key() -> str:
-    global _warned_demo_key
-    key = os.environ.get(KEY_ENV)
-    if key:
-        return key
-    if not _warned_demo_key:
-        log.warning("%s is not set: annotator ids are hashed with the public demo key (not pseudonymous)", KEY_ENV)
-        _warned_demo_key = True
-    return DEMO_KEY
-
-
-def pseudonymise(annotator_id: str, key: str | None = None) -> str:
-    """A keyed hash of an annotator id: stable for one key, not reversible without it.
-
-    Args:
-        annotator_id: The raw id (e.g. a user name).
-        key: HMAC key; None reads ``PREFALIGN_ANNOTATOR_KEY`` (falling back to ``DEMO_KEY`` with a
-            warning logged once).
-
-    Returns:
-        The first 16 hex characters of HMAC-SHA256(key, annotator_id).
-    """
-    secret = _annotator_key() if key is None else key
-    return hmac.new(secret.encode(), str(annotator_id).encode(), hashlib.sha256).hexdigest()[:16]

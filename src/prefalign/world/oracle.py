@@ -2,7 +2,7 @@
 
 The oracle must score generated samples, which are noisy, blurry and colour-shifted, not only clean
 renderings; a fixed colour-distance threshold against the named background gives ~0.2 to samples that
-look partly right (shared/references/DEMO_WORLD_NOTES.md). So every step is relative to what is
+look partly right (measured on the first demo base model). So every step is relative to what is
 measured in the image itself:
 
 1. background = per-channel median of the border pixels (the object never covers half the border);

@@ -1,4 +1,4 @@
-"""Importers of real preference data into the canonical folder (shared/DESIGN.md, "Canonical data").
+"""Importers of real preference data into the canonical folder (docs/design.md, "Canonical data").
 
 One module per format (:mod:`.pickapic`, :mod:`.hpd`, :mod:`.jsonl`), the shared machinery in
 :mod:`.common` and :mod:`.images`, and one entry point, :func:`import_preferences`, which the

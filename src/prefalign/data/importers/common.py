@@ -34,6 +34,7 @@ from prefalign.config import DataConfig, Validation
 from prefalign.data.importers.errors import FileRejected, ImportAbortedError, RowRejected, RowSkipped
 from prefalign.data.importers.images import ImageIngest, IndexedImageStore, resolve_inside
 from prefalign.data.prepare import TIE_LABEL, assign_split, pair_id
+from prefalign.data.pseudonym import pseudonymise
 from prefalign.data.schema import (
     FEEDBACK_SCHEMA,
     PAIRS_SCHEMA,
@@ -43,7 +44,6 @@ from prefalign.data.schema import (
     read_table,
     write_table,
 )
-from prefalign.world.annotators import pseudonymise
 
 log = logging.getLogger(__name__)
 
