@@ -7,7 +7,7 @@ PYTHON ?= python3
 
 # Stage subprocesses (dvc repro -> prefalign stage ...) must find the venv's tools.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-# Offline and no-telemetry switches (shared/references/ENVIRONMENT.md); the CLI sets the same defaults.
+# Offline and no-telemetry switches (docs/design.md, "Offline"); the CLI sets the same defaults.
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export DO_NOT_TRACK ?= true

@@ -3,7 +3,7 @@
 Stages never touch MLflow; they get a ``Tracker`` from ``stage_run``. With ``tracking.enabled: false``
 that is a ``NullTracker`` and MLflow is never imported. Otherwise every stage gets its own MLflow run,
 a child of the pipeline run when the flow opened one (``pipeline_run`` hands its id to stage processes
-through ``PREFALIGN_PARENT_RUN_ID``), carrying the lineage tags of DESIGN.md ("MLflow conventions").
+through ``PREFALIGN_PARENT_RUN_ID``), carrying the lineage tags of docs/design.md ("MLflow").
 
 ``<out_dir>/run.json`` records which run produced a folder, so a later stage (its
 ``prefalign.upstream_run`` tag) or a pipeline run in which DVC skipped the stage still finds it.
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prefalign.config import PipelineConfig
-from prefalign.versioning import data_version, git_commit
+from prefalign.versioning import data_version, git_commit, machine_tags
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -266,7 +266,7 @@ def _lineage_tags(cfg: PipelineConfig, stage: str, md5: str, upstream: Sequence[
     }
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = os.environ[FLOW_RUN_ENV]
-    return tags
+    return {**tags, **machine_tags()}
 
 
 # ------------------------------------------------------------------------------------------ stage runs

@@ -1,6 +1,6 @@
 """Code and data versions: the git commit, the DVC md5 of a dataset, and ``dvc push`` / ``dvc pull``.
 
-These are the lineage keys every MLflow run carries (DESIGN.md, "MLflow conventions"). The md5 is read
+These are the lineage keys every MLflow run carries (docs/design.md, "MLflow"). The md5 is read
 from ``dvc.lock`` as plain YAML, so asking for a version costs no DVC import; ``dvc.api`` is imported
 only to resolve the remote URL, and push/pull run the ``dvc`` command in a subprocess, exactly what a
 person would type.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -148,3 +149,41 @@ def dvc_pull(root: Path, targets: Sequence[str] | None = None, remote: str | Non
         RuntimeError: ``dvc pull`` failed; the message holds its stderr.
     """
     return _dvc("pull", Path(root), targets, remote)
+
+
+def machine_tags() -> dict[str, str]:
+    """What a run ran on: float results differ between CPU types, so a difference must be traceable.
+
+    CPU model, logical cores, torch's intra-op threads, and the torch and BLAS builds. torch is read only
+    when the process already imported it (every training stage has), so recording costs no import.
+    """
+    import platform
+
+    tags = {
+        "prefalign.machine.cpu": _cpu_model(),
+        "prefalign.machine.cores": str(os.cpu_count() or 0),
+        "prefalign.machine.python": platform.python_version(),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        found = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+        blas = found.group(1) if found else "unknown"
+        tags |= {
+            "prefalign.machine.torch": torch.__version__,
+            "prefalign.machine.threads": str(torch.get_num_threads()),
+            "prefalign.machine.blas": blas,
+            "prefalign.machine.cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        }
+    return tags
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

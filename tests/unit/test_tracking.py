@@ -76,6 +76,10 @@ def test_stage_run_records_run_json_tags_params_and_dataset(cfg, client, tmp_pat
     assert tags["prefalign.data_version"] == "unversioned"
     assert tags["prefalign.git_commit"]
     assert "prefect.flow_run_id" not in tags
+    # what it ran on, so a float difference between machines can be traced (torch is imported by the suite)
+    assert tags["prefalign.machine.cores"] == str(os.cpu_count())
+    assert tags["prefalign.machine.cpu"] and tags["prefalign.machine.blas"]
+    assert tags["prefalign.machine.torch"] == __import__("torch").__version__
     assert run.data.params["dpo.beta"] == str(cfg.dpo.beta)
     assert run.data.params["dpo.lora.targets"] == json.dumps(list(cfg.dpo.lora.targets))
     assert run.data.params["reward.pairs_used"] == "10"
