@@ -157,11 +157,15 @@ class Featurize(Section):
 class ModelConfig(Section):
     """The diffusion model: the demo's tiny Stable Diffusion or a local diffusers folder."""
 
-    preset: Literal["demo", "sd15", "sdxl", "sd15-random"] = Field("demo", description="Model family.")
+    preset: Literal["demo", "sd15", "sd15-random"] = Field("demo", description="Model family.")
     pretrained_path: str | None = Field(
         None, description="Local SD1.x diffusers folder for sd15, used in place (never a hub id)."
     )
-    resolution: PositiveInt = Field(16, description="Training/sampling resolution in pixels.")
+    resolution: PositiveInt = Field(
+        16,
+        description="Training/sampling resolution in pixels. demo: world.image_size (leave it out); "
+        "sd15: required (e.g. 512).",
+    )
     unet_channels: tuple[PositiveInt, ...] = Field((64, 128, 128), description="Demo UNet block widths.")
     vae_channels: tuple[PositiveInt, ...] = Field((32, 64), description="Demo VAE block widths.")
     text_hidden: PositiveInt = Field(64, description="Demo CLIP text encoder width.")
@@ -365,17 +369,36 @@ class PipelineConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
-    @model_validator(mode="after")
-    def _model_matches_world(self) -> PipelineConfig:
-        if self.model.preset == "demo" and self.model.resolution != self.world.image_size:
-            raise ValueError("model.resolution must equal world.image_size for the demo preset")
-        if self.model.preset == "sdxl":
+    @model_validator(mode="before")
+    @classmethod
+    def _resolution_of_the_preset(cls, data: Any) -> Any:
+        """demo: ``model.resolution`` is the world's image size (set once); real presets must name theirs."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("model", {}), Mapping):
+            return data
+        model = dict(data.get("model") or {})
+        preset = model.get("preset", "demo")
+        if preset == "sdxl":
             # Fail at load rather than deep in featurize: SDXL conditions on two text encoders and on
             # size/crop time ids, which featurize and the policy trainer do not compute.
             raise ValueError(
                 "model.preset 'sdxl' is not supported yet: featurize and the trainers take one text "
                 "encoder (SD1.x/2.x folders); use preset 'sd15' with model.pretrained_path"
             )
+        if preset == "demo":
+            world = data.get("world") or {}
+            image_size = world.get("image_size", World.model_fields["image_size"].default)
+            if model.get("resolution", image_size) != image_size:
+                raise ValueError(
+                    f"model.resolution ({model['resolution']}) must equal world.image_size ({image_size}) for the "
+                    "demo preset; leave model.resolution out, it follows world.image_size"
+                )
+            model["resolution"] = image_size
+        elif preset == "sd15" and "resolution" not in model:
+            raise ValueError("model.resolution is required for preset sd15 (512 for SD1.5)")
+        return {**data, "model": model}
+
+    @model_validator(mode="after")
+    def _model_matches_world(self) -> PipelineConfig:
         if self.model.preset == "sd15" and not self.model.pretrained_path:
             raise ValueError("model.pretrained_path (a local diffusers folder) is required for preset sd15")
         return self

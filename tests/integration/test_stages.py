@@ -165,6 +165,7 @@ def test_sd15_preset_uses_the_local_folder_in_place(ran, pipeline_root, tmp_path
             **tiny_overrides,
             "model.preset": "sd15",
             "model.pretrained_path": "../weights/sd15",
+            "model.resolution": ran[0].model.resolution,
             "tracking.enabled": False,
             "paths.preferences": str(pipeline_root / "data/preferences"),
         },

@@ -79,11 +79,20 @@ def test_parse_override():
         parse_override("no-equals-sign")
 
 
+def test_demo_resolution_follows_the_world(tmp_path):
+    """Set once: the demo model's resolution is the world's image size, whichever of the two is written."""
+    assert load_config(write_params(tmp_path, "world:\n  image_size: 24\n")).model.resolution == 24
+    assert load_config(write_params(tmp_path, "model:\n  resolution: 16\n")).model.resolution == 16
+    assert load_config(write_params(tmp_path, "")).model.resolution == 16
+
+
 def test_cross_field_rules(tmp_path):
     with pytest.raises(ConfigError, match="resolution"):
         load_config(write_params(tmp_path, "model:\n  resolution: 32\n"))
     with pytest.raises(ConfigError, match="pretrained_path"):
-        load_config(write_params(tmp_path, "model:\n  preset: sd15\n"))
+        load_config(write_params(tmp_path, "model:\n  preset: sd15\n  resolution: 512\n"))
+    with pytest.raises(ConfigError, match="resolution is required"):
+        load_config(write_params(tmp_path, "model:\n  preset: sd15\n  pretrained_path: /srv/sd15\n"))
     with pytest.raises(ConfigError, match="split"):
         load_config(write_params(tmp_path, "data:\n  split_train: 0.9\n  split_val: 0.1\n"))
     with pytest.raises(ConfigError, match="sdxl.*not supported"):
@@ -93,9 +102,10 @@ def test_cross_field_rules(tmp_path):
 def test_base_model_dir_is_the_local_folder_for_sd15_and_the_pipeline_output_otherwise(tmp_path):
     demo = load_config(write_params(tmp_path, "seed: 0\n"))
     assert demo.base_model_dir() == (tmp_path / "models/base").resolve()
-    sd15 = load_config(write_params(tmp_path, "model:\n  preset: sd15\n  pretrained_path: ../weights/sd15\n"))
+    sd15_yaml = "model:\n  preset: sd15\n  resolution: 512\n  pretrained_path: "
+    sd15 = load_config(write_params(tmp_path, sd15_yaml + "../weights/sd15\n"))
     assert sd15.base_model_dir() == (tmp_path / "../weights/sd15").resolve()
-    absolute = load_config(write_params(tmp_path, "model:\n  preset: sd15\n  pretrained_path: /srv/sd15\n"))
+    absolute = load_config(write_params(tmp_path, sd15_yaml + "/srv/sd15\n"))
     assert absolute.base_model_dir() == Path("/srv/sd15")
 
 
