@@ -254,11 +254,12 @@ class DPOConfig(PolicyTrainerConfig):
     warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps.")
     prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Share of pairs trained with the empty prompt.")
     timestep_min: int = Field(
-        500,
+        700,
         ge=0,
         lt=1000,
         description="Train on t ~ U{timestep_min..999}; 0 is the published uniform draw (use it "
-        "for real models), 500 was measured on the demo world, where the layout is decided at high t.",
+        "for real models); 700 was measured on the demo world, where the layout is decided at high t "
+        "(docs/alignment_notes.md, section 7).",
     )
     checkpoint_every: NonNegativeInt = Field(
         100, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
