@@ -31,7 +31,7 @@ from prefalign.evaluation.metrics import pairwise_accuracy
 from prefalign.evaluation.reward_ceiling import perception_ceiling
 from prefalign.models.reward_model import RewardScorer
 from prefalign.runtime import emit_json
-from prefalign.training.reward import score_split
+from prefalign.training.reward_scoring import score_split
 from prefalign.training.reward_stage import oracle_metrics_of_split, reward_splits
 
 REPO = Path(__file__).resolve().parents[1]

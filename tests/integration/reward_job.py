@@ -27,7 +27,8 @@ def main() -> None:
     from prefalign.config import RewardConfig
     from prefalign.models.reward_model import load_backbone
     from prefalign.models.text import build_tokenizer
-    from prefalign.training.reward import RewardData, train_reward_model
+    from prefalign.training.reward import train_reward_model
+    from prefalign.training.reward_data import RewardData
     from prefalign.world.grammar import vocabulary_words
 
     logging.basicConfig(level=logging.INFO)  # the resume line is what the test reads

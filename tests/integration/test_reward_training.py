@@ -20,7 +20,9 @@ import torch
 from prefalign.config import RewardConfig
 from prefalign.models.reward_model import RewardScorer, load_backbone
 from prefalign.models.text import build_tokenizer
-from prefalign.training.reward import RewardData, TrainResult, evaluate_reward, train_reward_model
+from prefalign.training.reward import TrainResult, train_reward_model
+from prefalign.training.reward_data import RewardData
+from prefalign.training.reward_scoring import evaluate_reward
 from prefalign.world.grammar import DOMAINS, Attributes, all_attributes, prompt_of, vocabulary_words
 from prefalign.world.render import render
 
@@ -291,7 +293,7 @@ def test_rankings_alone_are_expanded_into_pairs(demo: DemoSplits) -> None:
 
 def test_contrastive_pretraining_alone_grounds_colours(single_thread: None) -> None:
     """CLIP pretraining on captioned renderings (no preferences yet) already ties colour words to pixels."""
-    from prefalign.training.reward import pretrain_contrastive
+    from prefalign.training.reward_pretrain import pretrain_contrastive
 
     rng = np.random.default_rng(2)
     scenes = all_attributes()
@@ -326,7 +328,7 @@ class _Crash(RuntimeError):
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
     demo: DemoSplits, single_thread: None, tmp_path: Path, ema_decay: float, mirror: bool
 ) -> None:
-    from prefalign.training.reward import latest_checkpoint
+    from prefalign.training.reward_checkpoints import latest_checkpoint
 
     def split(name: str) -> RewardData:
         return RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split=name)

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from prefalign.config import ConfigError, load_config
-from prefalign.training.reward import _BestWeights
+from prefalign.training.reward_checkpoints import BestWeights
 
 # (accuracy, loss) per evaluation: accuracy peaks by noise at the 2nd, the loss keeps falling to the 4th.
 HISTORY = [(0.66, 0.640), (0.70, 0.630), (0.68, 0.620), (0.69, 0.610), (0.69, 0.615)]
 
 
-def _run(select_on: str, patience: int = 10) -> tuple[_BestWeights, torch.nn.Linear]:
-    model, best = torch.nn.Linear(1, 1, bias=False), _BestWeights(patience, select_on)
+def _run(select_on: str, patience: int = 10) -> tuple[BestWeights, torch.nn.Linear]:
+    model, best = torch.nn.Linear(1, 1, bias=False), BestWeights(patience, select_on)
     for step, (accuracy, loss) in enumerate(HISTORY, start=1):
         with torch.no_grad():
             model.weight.fill_(step)  # the weights remember their step
@@ -33,7 +33,7 @@ def test_best_weights_follow_select_on(select_on, step, accuracy):
 
 
 def test_loss_selection_breaks_ties_on_accuracy_and_never_keeps_nan():
-    model, best = torch.nn.Linear(1, 1), _BestWeights(3, "loss")
+    model, best = torch.nn.Linear(1, 1), BestWeights(3, "loss")
     assert best.update(model, 0.60, 0.6, 1)
     assert best.update(model, 0.65, 0.6, 2)  # same loss, better accuracy
     assert not best.update(model, 0.99, math.nan, 3)
@@ -44,7 +44,7 @@ def test_loss_selection_breaks_ties_on_accuracy_and_never_keeps_nan():
 
 def test_select_on_is_checked():
     with pytest.raises(ValueError, match="select_on"):
-        _BestWeights(3, "auc")
+        BestWeights(3, "auc")
 
 
 def test_select_on_config(tmp_path):

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+CALIBRATION_BINS = 10
+
 
 def _cluster_sums(values: np.ndarray, prompt_ids: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Per-prompt sums of ``values`` and per-prompt image counts."""
@@ -127,3 +129,57 @@ def pairwise_accuracy(score_w: np.ndarray, score_l: np.ndarray, label: np.ndarra
         return None, 0, n_ties
     gap = score_w[decided] - score_l[decided]
     return float(((gap > 0) + 0.5 * (gap == 0)).mean()), n_pairs, n_ties
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def ranking_metrics(ranking_scores: np.ndarray, mask: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean Kendall τ (τ-a, score ties count 0) between scores and the true order, and top-1 accuracy."""
+    taus, top1 = [], []
+    for scores, valid in zip(ranking_scores, mask, strict=True):
+        scores = scores[valid]
+        if len(scores) < 2:
+            continue
+        # True order is the column order (best first): a pair i < j is concordant when s_i > s_j.
+        upper = np.triu(np.sign(scores[:, None] - scores[None, :]), k=1)
+        taus.append(upper.sum() / (len(scores) * (len(scores) - 1) / 2))
+        top1.append(float(np.argmax(scores) == 0))
+    if not taus:
+        return None, None
+    return float(np.mean(taus)), float(np.mean(top1))
+
+
+def calibration_bins(
+    score_w: np.ndarray, score_l: np.ndarray, label: np.ndarray, *, bins: int = CALIBRATION_BINS
+) -> dict[str, list[float | None] | list[int]]:
+    """Reliability table of the predicted P(w ≻ l) = σ(s_w − s_l) on decided pairs.
+
+    Each pair enters in both orientations, (σ(Δ), won) and (σ(−Δ), lost), so the table is symmetric about
+    ½ and does not depend on which image the data happens to list first. Empty bins give None.
+
+    Returns:
+        ``{"pred": mean prediction per bin, "observed": share of wins per bin, "count": points per bin}``.
+    """
+    decided = label == 1.0  # decided pairs only; ties (0.5) have no side to be right about
+    gap = (score_w[decided] - score_l[decided]).astype(np.float64)
+    predicted = np.concatenate([1 / (1 + np.exp(-gap)), 1 / (1 + np.exp(gap))])
+    outcome = np.concatenate([np.ones_like(gap), np.zeros_like(gap)])
+    which = np.minimum((predicted * bins).astype(int), bins - 1)
+    table: dict[str, list[Any]] = {"pred": [], "observed": [], "count": []}
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        table["count"].append(count)
+        table["pred"].append(float(predicted[members].mean()) if count else None)
+        table["observed"].append(float(outcome[members].mean()) if count else None)
+    return table
+
+
+def expected_calibration_error(table: dict[str, list[Any]]) -> float | None:
+    """Count-weighted mean |pred − observed| over the non-empty bins of ``calibration_bins``."""
+    total = sum(table["count"])
+    if total == 0:
+        return None
+    return float(
+        sum(c * abs(p - o) for p, o, c in zip(table["pred"], table["observed"], table["count"], strict=True) if c)
+        / total
+    )

@@ -26,7 +26,7 @@ def reward_splits(cfg: PipelineConfig) -> dict[str, Any]:
     """The train, val and test ``RewardData`` of the canonical tables: train keeps ties as configured, val and
     test keep them so that the report counts them."""
     from prefalign.data.schema import ImageStore
-    from prefalign.training.reward import RewardData
+    from prefalign.training.reward_data import RewardData
 
     pairs, rankings = _tables(cfg)
     load = ImageStore(cfg.paths.resolve("preferences")).load_array
@@ -87,7 +87,7 @@ def freeze_for_fine_tuning(cfg: PipelineConfig, scorer) -> None:
 def _pretrain_backbone(cfg: PipelineConfig, scorer, out: Path, tracker) -> Path:
     """CLIP-pretrain the tiny backbone on the world's captioned renderings; returns the loss-curve PNG."""
     from prefalign.evaluation.figures import loss_curve
-    from prefalign.training.reward import pretrain_contrastive
+    from prefalign.training.reward_pretrain import pretrain_contrastive
 
     world = np.load(cfg.paths.resolve("world") / "pretrain.npz")
     losses = pretrain_contrastive(
@@ -116,7 +116,8 @@ def train_and_evaluate_reward(
     ``checkpoint_dir``: resumable training state (see ``train_reward_model``); the caller removes it once done.
     """
     from prefalign.evaluation.figures import calibration_plot, loss_curve
-    from prefalign.training.reward import evaluate_reward, train_reward_model
+    from prefalign.training.reward import train_reward_model
+    from prefalign.training.reward_scoring import evaluate_reward
 
     splits = reward_splits(cfg)
     scorer = _scorer(cfg)
