@@ -224,19 +224,37 @@ class LoraConfig(Section):
     )
 
 
-class PolicyTrainerConfig(Section):
-    """Settings of the accelerate-driven policy trainer shared by DPO and DRO."""
+class TrainerConfig(Section):
+    """The ``trainer`` section: settings every policy trainer (DPO, DRO, the SFT control) shares.
 
-    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step (per process).")
-    warmup_steps: NonNegativeInt = Field(0, description="Linear warmup steps.")
-    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
+    Set once here; each method's section holds only what differs by method (its learning rate, steps,
+    batches and warmup) and receives these at load.
+    """
+
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     optimizer: PolicyOptimizer = Field("adamw", description="adamw, or adafactor (transformers, relative_step off).")
+    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping.")
     mixed_precision: MixedPrecision = Field(
         "no", description="no | bf16 | fp16; CUDA only, CPU always trains in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward (less memory).")
     checkpoint_every: NonNegativeInt = Field(
-        0, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
+        50, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
+    )
+
+
+TRAINER_FIELDS = tuple(TrainerConfig.model_fields)
+POLICY_METHODS = ("dpo", "dro", "kto")
+
+
+class PolicyTrainerConfig(TrainerConfig):
+    """What one policy trainer runs with: the shared ``trainer`` settings plus its method's own."""
+
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step (per process).")
+    warmup_steps: NonNegativeInt = Field(
+        0,
+        description="Linear warmup steps (per method: DPO starts a fresh adapter against the large "
+        "β-scaled loss, DRO continues from DPO's weights).",
     )
 
 
@@ -251,7 +269,7 @@ class DPOConfig(PolicyTrainerConfig):
     lr: PositiveFloat = Field(1e-3, description="Learning rate.")
     steps: PositiveInt = Field(600, description="Optimizer steps.")
     batch_size: PositiveInt = Field(32, description="Pairs per micro-batch per process.")
-    warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps.")
+    warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps (a fresh adapter, β-scaled loss).")
     prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Share of pairs trained with the empty prompt.")
     timestep_min: int = Field(
         700,
@@ -261,10 +279,6 @@ class DPOConfig(PolicyTrainerConfig):
         "for real models); 700 was measured on the demo world, where the layout is decided at high t "
         "(docs/alignment_notes.md, section 7).",
     )
-    checkpoint_every: NonNegativeInt = Field(
-        100, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class DROConfig(PolicyTrainerConfig):
@@ -302,18 +316,18 @@ class DROConfig(PolicyTrainerConfig):
         lt=1.0,
         description="EMA decay of the adapter weights, exported when > 0 (0: off; published .9999).",
     )
-    checkpoint_every: NonNegativeInt = Field(
-        50, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
-class KTOConfig(Section):
-    """Diffusion-KTO on binary feedback (not in the default pipeline)."""
+class KTOConfig(PolicyTrainerConfig):
+    """Diffusion-KTO (Li et al. 2024) on binary feedback: ``train_kto`` (``bench_efficacy.py --variants kto``)."""
 
     beta: PositiveFloat = Field(1000.0, description="β without the 1/2 factor (published 1000).")
-    lr: PositiveFloat = Field(1e-4, description="Learning rate.")
-    steps: PositiveInt = Field(200, description="Optimizer steps.")
+    lr: PositiveFloat = Field(1e-3, description="Learning rate.")
+    steps: PositiveInt = Field(600, description="Optimizer steps.")
+    batch_size: PositiveInt = Field(32, description="Judged images per micro-batch per process.")
+    warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps (a fresh adapter, as DPO).")
+    prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Share of images trained with the empty prompt.")
+    timestep_min: int = Field(0, ge=0, lt=1000, description="Train on t ~ U{timestep_min..999} (as dpo.timestep_min).")
 
 
 class EvalConfig(Section):
@@ -363,6 +377,7 @@ class PipelineConfig(Section):
     featurize: Featurize = Field(default_factory=Featurize)
     model: ModelConfig = Field(default_factory=ModelConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     dro: DROConfig = Field(default_factory=DROConfig)
     kto: KTOConfig = Field(default_factory=KTOConfig)
@@ -397,6 +412,28 @@ class PipelineConfig(Section):
         elif preset == "sd15" and "resolution" not in model:
             raise ValueError("model.resolution is required for preset sd15 (512 for SD1.5)")
         return {**data, "model": model}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_trainer_settings(cls, data: Any) -> Any:
+        """Copy the ``trainer`` section into each policy method's; a method may not set them itself."""
+        if not isinstance(data, Mapping):
+            return data
+        trainer = data.get("trainer") or {}
+        if isinstance(trainer, BaseModel):
+            trainer = trainer.model_dump()
+        merged = dict(data)
+        for method in POLICY_METHODS:
+            section = data.get(method) or {}
+            if not isinstance(section, Mapping):
+                continue
+            if own := sorted(key for key in section if key in TRAINER_FIELDS):
+                raise ValueError(
+                    f"{', '.join(f'{method}.{key}' for key in own)}: shared by every policy trainer; "
+                    f"set {', '.join(f'trainer.{key}' for key in own)} instead"
+                )
+            merged[method] = {**section, **trainer}
+        return merged
 
     @model_validator(mode="after")
     def _model_matches_world(self) -> PipelineConfig:

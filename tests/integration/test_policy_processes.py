@@ -22,8 +22,7 @@ TINY = {
     "model.unet_channels": "[32,64]",
     "model.vae_channels": "[32,32]",
     "model.text_hidden": "32",
-    "dpo.lora.rank": "2",
-    "dro.lora.rank": "2",
+    "trainer.lora.rank": "2",
 }
 
 pytestmark = pytest.mark.slow
@@ -66,8 +65,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path):
-    overrides = {"dpo.steps": "10", "dpo.batch_size": "4", "dpo.checkpoint_every": "2", "dpo.warmup_steps": "3"}
-    run_job(job_args(tmp_path / "straight.safetensors", {**overrides, "dpo.checkpoint_every": "0"}))
+    overrides = {"dpo.steps": "10", "dpo.batch_size": "4", "trainer.checkpoint_every": "2", "dpo.warmup_steps": "3"}
+    run_job(job_args(tmp_path / "straight.safetensors", {**overrides, "trainer.checkpoint_every": "0"}))
 
     checkpoints = tmp_path / "checkpoints"
     args = job_args(tmp_path / "resumed.safetensors", overrides, "--checkpoints", str(checkpoints))
@@ -102,7 +101,7 @@ def free_port() -> int:
 @pytest.mark.parametrize("method", ["dpo", "dro"])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, method):
     steps = {
-        "dpo": {"dpo.steps": "4", "dpo.batch_size": "2", "dpo.checkpoint_every": "0"},
+        "dpo": {"dpo.steps": "4", "dpo.batch_size": "2", "trainer.checkpoint_every": "0"},
         "dro": {
             "dro.steps": "3",
             "dro.batch_size": "2",
@@ -110,7 +109,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, me
             "dro.sync_every": "2",
             "dro.sample_steps": "3",
             "dro.timestep_jitter": "20",
-            "dro.checkpoint_every": "0",
+            "trainer.checkpoint_every": "0",
         },
     }[method]
     # 2 processes x 2 samples x 1 micro-batch == 1 process x 2 samples x 2 micro-batches: 4 per update

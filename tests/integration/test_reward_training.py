@@ -328,7 +328,7 @@ class _Crash(RuntimeError):
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
     demo: DemoSplits, single_thread: None, tmp_path: Path, ema_decay: float, mirror: bool
 ) -> None:
-    from prefalign.training.reward_checkpoints import latest_checkpoint
+    from prefalign.training.checkpoints import CheckpointMismatchError
 
     def split(name: str) -> RewardData:
         return RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split=name)
@@ -361,14 +361,17 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
     ):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
-    with pytest.raises(ValueError, match="different reward run"):
-        latest_checkpoint(tmp_path, "another fingerprint")
+    # The folder now holds another run's checkpoint: a different seed is refused, naming what differs.
+    with pytest.raises(CheckpointMismatchError, match="differs in: seed"):
+        train_reward_model(fresh(), cfg, train, val, seed=1, progress=False, checkpoint_dir=tmp_path)
 
 
 def test_ema_weights_are_the_ones_validated_and_kept(demo: DemoSplits, single_thread: None) -> None:
-    from prefalign.training.reward import ema_decay_at
+    from prefalign.training.weights import make_ema
 
-    assert ema_decay_at(0.99, 0) == pytest.approx(0.1) and ema_decay_at(0.99, 10_000) == 0.99
+    ema = make_ema({"w": torch.zeros(1)}, 0.99, warmup=True)
+    # EMAModel's update k (1-based) decays by min(d, k / (9 + k)) after a first update that copies.
+    assert [ema.get_decay(k) for k in (1, 2, 10_000)] == [0.0, pytest.approx(2 / 11), 0.99]
 
     def split(name: str) -> RewardData:
         return RewardData.from_tables(demo.pairs, None, demo.images.__getitem__, keep_ties=True, split=name)

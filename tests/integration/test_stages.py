@@ -248,8 +248,8 @@ def test_bench_efficacy_trains_every_variant_per_seed(ran, pipeline_root, tiny_o
     out, figure = tmp_path / "efficacy.json", tmp_path / "efficacy.png"
     sets = [
         arg
-        for k, v in tiny_overrides.items()
-        if k.split(".")[0] in ("dpo", "dro", "eval")
+        for k, v in {**tiny_overrides, "kto.steps": 2, "kto.batch_size": 4}.items()
+        if k.split(".")[0] in ("trainer", "dpo", "dro", "kto", "eval")
         for arg in ("-S", f"{k}={v}")
     ]
     subprocess.run(
@@ -260,6 +260,8 @@ def test_bench_efficacy_trains_every_variant_per_seed(ran, pipeline_root, tiny_o
             str(pipeline_root / "params.yaml"),
             "--seeds",
             "0,1",
+            "--variants",
+            "base,dpo,sft_experts,dro_base,dro_dpo,kto",
             "--json",
             str(out),
             "--figure",
@@ -271,7 +273,8 @@ def test_bench_efficacy_trains_every_variant_per_seed(ran, pipeline_root, tiny_o
         timeout=600,
     )
     report = json.loads(out.read_text())
-    assert set(report["models"]) == {"base", "dpo", "sft_experts", "dro_base", "dro_dpo"}
+    assert set(report["models"]) == {"base", "dpo", "sft_experts", "dro_base", "dro_dpo", "kto"}
+    assert set(report["claims"]["dpo_vs_kto"]["oracle_win_rate"]) == {"0", "1"}
     assert set(report["models"]["dpo"]["per_seed"]) == {"0", "1"}
     assert set(report["models"]["base"]["per_seed"]) == {"0"}  # trained by no seed: evaluated once
     claim = report["claims"]["dro_dpo_vs_dpo"]
@@ -305,5 +308,5 @@ def test_bench_efficacy_rejects_an_unknown_variant_before_training(tmp_path):
     assert (
         done.stderr.strip()
         .splitlines()[-1]
-        .endswith("unknown variant 'ppo' in --variants; known: base,dpo,sft_experts,dro_base,dro_dpo")
+        .endswith("unknown variant 'ppo' in --variants; known: base,dpo,sft_experts,dro_base,dro_dpo,kto")
     )

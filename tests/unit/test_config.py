@@ -66,10 +66,19 @@ def test_missing_file(tmp_path):
 
 def test_dotted_overrides_are_validated_like_the_file(tmp_path):
     path = write_params(tmp_path, "dpo:\n  beta: 2000\n")
-    cfg = load_config(path, {"dpo.beta": 5000, "dpo.lora.rank": 4})
+    cfg = load_config(path, {"dpo.beta": 5000, "trainer.lora.rank": 4})
     assert cfg.dpo.beta == 5000.0 and isinstance(cfg.dpo.beta, float) and cfg.dpo.lora.rank == 4
-    with pytest.raises(ConfigError, match=r"dpo\.lora\.rank"):
-        load_config(path, {"dpo.lora.rank": -1})
+    with pytest.raises(ConfigError, match=r"trainer\.lora\.rank"):
+        load_config(path, {"trainer.lora.rank": -1})
+
+
+def test_trainer_settings_are_set_once_for_every_policy_method(tmp_path):
+    path = write_params(tmp_path, "trainer:\n  checkpoint_every: 7\n  lora:\n    rank: 2\n")
+    cfg = load_config(path)
+    assert cfg.dpo.checkpoint_every == cfg.dro.checkpoint_every == 7
+    assert cfg.dpo.lora == cfg.dro.lora == cfg.trainer.lora and cfg.dpo.lora.rank == 2
+    with pytest.raises(ConfigError, match=r"dro\.lora: shared by every policy trainer; set trainer\.lora instead"):
+        load_config(path, {"dro.lora.rank": 4})
 
 
 def test_parse_override():

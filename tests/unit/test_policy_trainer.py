@@ -10,7 +10,7 @@ import torch
 
 from prefalign.config import DPOConfig, load_config
 from prefalign.training.checkpoints import CheckpointMismatchError, complete_checkpoints
-from prefalign.training.policy import sampler_grid, shard_sample_ids, train_dpo, train_dro
+from prefalign.training.policy import sampler_grid, shard_sample_ids, train_dpo, train_dro, train_kto
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("policy_job", ROOT / "tests/integration/policy_job.py")
@@ -32,12 +32,10 @@ def tiny_cfg(tiny_overrides):
     def make(**extra):
         overrides = {
             **tiny_overrides,
-            "dpo.lora.rank": 2,
-            "dro.lora.rank": 2,
+            "trainer.lora.rank": 2,
             "dpo.steps": 3,
             "dro.steps": 4,
-            "dpo.checkpoint_every": 1,
-            "dro.checkpoint_every": 1,
+            "trainer.checkpoint_every": 1,
             **extra,
         }
         return load_config(ROOT / "params.yaml", overrides)
@@ -71,12 +69,21 @@ def run_dro(cfg, checkpoints=None):
     return unet, history
 
 
+def run_kto(cfg, checkpoints=None, desirable=None):
+    feats, shas, prompts = policy_job.synthetic_features(10, 5, cfg.model.text_hidden, cfg.seed)
+    unet = policy_job.tiny_unet(cfg)
+    flags = desirable if desirable is not None else [i % 3 != 0 for i in range(10)]
+    judged = [prompts[i % 5] for i in range(10)]
+    history = train_kto(unet, shas, judged, flags, feats, cfg.kto, seed=cfg.seed, checkpoint_dir=checkpoints)
+    return unet, history
+
+
 def lora_state(unet) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
 
 
 def test_only_lora_parameters_change(tiny_cfg):
-    cfg = tiny_cfg(**{"dpo.checkpoint_every": 0})
+    cfg = tiny_cfg(**{"trainer.checkpoint_every": 0})
     base = {n: p.detach().clone() for n, p in policy_job.tiny_unet(cfg).named_parameters()}
     unet, history = run_dpo(cfg)
     assert history.steps == 3 and all(np.isfinite(history.metrics["loss"]))
@@ -126,11 +133,11 @@ def test_checkpoint_folder_of_another_config_is_refused_before_training(tiny_cfg
         run_dpo(other, tmp_path / "ck")
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
     # a setting that does not change the result may differ on resume
-    run_dpo(tiny_cfg(**{"dpo.checkpoint_every": 3}), tmp_path / "ck")
+    run_dpo(tiny_cfg(**{"trainer.checkpoint_every": 3}), tmp_path / "ck")
 
 
 def test_lora_target_matching_nothing_is_refused_naming_it(tiny_cfg):
-    cfg = tiny_cfg(**{"dpo.lora.targets": ["to_q", "to_qq"], "dpo.checkpoint_every": 0})
+    cfg = tiny_cfg(**{"trainer.lora.targets": ["to_q", "to_qq"], "trainer.checkpoint_every": 0})
     with pytest.raises(ValueError, match="to_qq"):
         run_dpo(cfg)
 
@@ -173,21 +180,22 @@ def test_sampler_grid_offsets_are_keyed_bounded_and_decreasing():
 
 
 def test_gradient_checkpointing_changes_nothing_and_adafactor_trains(tiny_cfg):
-    plain, _ = run_dpo(tiny_cfg(**{"dpo.checkpoint_every": 0, "dpo.steps": 2}))
+    plain, _ = run_dpo(tiny_cfg(**{"trainer.checkpoint_every": 0, "dpo.steps": 2}))
     # bf16 asks for CUDA; on CPU the trainer keeps float32, so the weights must match the plain run
     recomputed, _ = run_dpo(
         tiny_cfg(
             **{
-                "dpo.checkpoint_every": 0,
+                "trainer.checkpoint_every": 0,
                 "dpo.steps": 2,
-                "dpo.gradient_checkpointing": True,
-                "dpo.mixed_precision": "bf16" if not torch.cuda.is_available() else "no",
+                "trainer.gradient_checkpointing": True,
+                "trainer.mixed_precision": "bf16" if not torch.cuda.is_available() else "no",
             }
         )
     )
     for name, value in lora_state(plain).items():
         torch.testing.assert_close(lora_state(recomputed)[name], value, rtol=1e-6, atol=1e-8)
-    adafactor, history = run_dpo(tiny_cfg(**{"dpo.checkpoint_every": 0, "dpo.steps": 2, "dpo.optimizer": "adafactor"}))
+    adafactor_cfg = tiny_cfg(**{"trainer.checkpoint_every": 0, "dpo.steps": 2, "trainer.optimizer": "adafactor"})
+    adafactor, history = run_dpo(adafactor_cfg)
     assert all(np.isfinite(history.metrics["loss"]))
     assert any(p.abs().sum() > 0 for n, p in lora_state(adafactor).items() if "lora_B" in n)
 
@@ -195,7 +203,7 @@ def test_gradient_checkpointing_changes_nothing_and_adafactor_trains(tiny_cfg):
 def test_dro_current_policy_target_equals_the_published_on_policy_update(tiny_cfg):
     """With fresh trajectories every update (reuse 1, sync 1) the recorded ε_pol is ε_φ(x_t) itself, so the
     cheaper "current" target (no gradient through the policy half) must train the same adapter."""
-    common = {"dro.reuse": 1, "dro.sync_every": 1, "dro.batch_size": 3, "dro.checkpoint_every": 0}
+    common = {"dro.reuse": 1, "dro.sync_every": 1, "dro.batch_size": 3, "trainer.checkpoint_every": 0}
     recorded, recorded_history = run_dro(tiny_cfg(**common, **{"dro.policy_target": "recorded"}))
     current, current_history = run_dro(tiny_cfg(**common, **{"dro.policy_target": "current"}))
     assert max(abs(v) for v in current_history.metrics["err_policy"]) == 0.0
@@ -206,3 +214,20 @@ def test_dro_current_policy_target_equals_the_published_on_policy_update(tiny_cf
         # differ by a fraction of one step (lr 5e-4): far below what a different update would give.
         torch.testing.assert_close(lora_state(current)[name], value, rtol=1e-3, atol=1e-5, msg=name)
     assert any(p.abs().sum() > 0 for n, p in lora_state(current).items() if "lora_B" in n)
+
+
+def test_kto_trains_on_binary_feedback_and_resumes_exactly(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(**{"kto.steps": 3, "kto.batch_size": 4, "kto.warmup_steps": 0})
+    full, history = run_kto(cfg, tmp_path / "ck")
+    assert history.steps == 3 and all(np.isfinite(history.metrics["loss"]))
+    assert all(0.0 <= v <= 1.0 for v in history.metrics["loss"])  # KTO's per-sample loss is 1 - sigmoid
+    assert any(p.abs().sum() > 0 for n, p in lora_state(full).items() if "lora_B" in n)
+    keep_only(tmp_path / "ck", 1)
+    resumed, _ = run_kto(cfg, tmp_path / "ck")
+    for name, value in lora_state(full).items():
+        torch.testing.assert_close(lora_state(resumed)[name], value, rtol=0, atol=0)
+
+
+def test_kto_refuses_feedback_of_one_kind(tiny_cfg):
+    with pytest.raises(ValueError, match="desirable and undesirable"):
+        run_kto(tiny_cfg(), desirable=[True] * 10)

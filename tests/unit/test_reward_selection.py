@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefalign.config import ConfigError, load_config
-from prefalign.training.reward_checkpoints import BestWeights
+from prefalign.training.reward_selection import BestWeights
 
 # (accuracy, loss) per evaluation: accuracy peaks by noise at the 2nd, the loss keeps falling to the 4th.
 HISTORY = [(0.66, 0.640), (0.70, 0.630), (0.68, 0.620), (0.69, 0.610), (0.69, 0.615)]

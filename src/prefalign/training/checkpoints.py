@@ -1,4 +1,4 @@
-"""Resumable training state of the policy trainer: atomic step folders, identified by a fingerprint.
+"""Resumable training state of every trainer (policy and reward): atomic step folders, identified by a fingerprint.
 
 A run's checkpoints live in one folder (``<paths.checkpoints>/<stage>``), outside the stage's DVC output:
 DVC deletes a stage's outputs before it reruns, which would throw away exactly what a resume needs.
@@ -6,7 +6,7 @@ DVC deletes a stage's outputs before it reruns, which would throw away exactly w
 Layout of one checkpoint::
 
     <root>/step_<N>/
-        checkpoint.json          step, fingerprint and its parts (written last; its presence = complete)
+        checkpoint.json          step, fingerprint and its parts, trainer state (written last; its presence = complete)
         history.json             per-step metrics so far (the stage summarises the whole run)
         trainable.safetensors    the trainable (LoRA) parameters by name, bit-exact
         pytorch_lora_weights.safetensors   the same adapter in the diffusers format (load_lora_weights)
@@ -30,7 +30,7 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
@@ -79,6 +79,7 @@ class TrainingState:
     history: dict[str, list[float]] = field(default_factory=dict)
     shared: dict[str, Tensor] = field(default_factory=dict)
     local: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 def config_sha(section: BaseModel) -> str:
@@ -212,7 +213,9 @@ def save_training_state(
     history: dict[str, list[float]],
     shared: Mapping[str, Tensor] | None = None,
     local: Mapping[str, Tensor] | None = None,
+    state: Mapping[str, Any] | None = None,
     export: Callable[[Path], object] | None = None,
+    keep_last: int | None = None,
 ) -> Path:
     """Write ``<root>/step_<step>`` atomically (temporary sibling, then rename). Call on every process.
 
@@ -224,7 +227,10 @@ def save_training_state(
         history: per-step metrics so far.
         shared: tensors equal on every process, written once.
         local: this process's own tensors.
+        state: JSON-serialisable trainer state beside the tensors (early stopping, EMA step count).
         export: called by the main process with the temporary folder, to add e.g. the diffusers LoRA file.
+        keep_last: delete all but the newest ``keep_last`` complete checkpoints after publishing (None: keep
+            all); a trainer whose checkpoints hold whole models keeps one.
 
     Returns:
         The final folder.
@@ -248,9 +254,12 @@ def save_training_state(
         (tmp / HISTORY_FILE).write_text(json.dumps(history))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        meta = {"step": step, "fingerprint": identity.fingerprint, "identity": asdict(identity)}
+        meta = {"step": step, "fingerprint": identity.fingerprint, "identity": asdict(identity), "state": state or {}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         publish_checkpoint(tmp, final)
+        if keep_last is not None:
+            for _, older in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(older, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -265,4 +274,5 @@ def load_training_state(accelerator: Accelerator, folder: Path) -> TrainingState
         history=json.loads((folder / HISTORY_FILE).read_text()),
         shared=load_file(str(folder / SHARED_FILE)) if (folder / SHARED_FILE).is_file() else {},
         local=load_file(str(local_path)) if local_path.is_file() else {},
+        state=meta.get("state", {}),
     )

@@ -23,15 +23,15 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prefalign.config import DPOConfig, DROConfig, PolicyTrainerConfig
-from prefalign.losses.diffusion import diffusion_dpo_loss, diffusion_dro_loss, dpo_metrics
+from prefalign.config import DPOConfig, DROConfig, KTOConfig, PolicyTrainerConfig
+from prefalign.losses.diffusion import diffusion_dpo_loss, diffusion_dro_loss, diffusion_kto_loss, dpo_metrics
 from prefalign.models.diffusion import add_lora, make_scheduler, save_lora
 from prefalign.seeding import derive_seed, keyed_generator
 from prefalign.training.checkpoints import (
@@ -51,14 +51,17 @@ from prefalign.training.denoise import (
     reference_errors,
     stack_pair,
 )
-from prefalign.training.weights import ShadowWeights
+from prefalign.training.harness import make_accelerator
+from prefalign.training.weights import ShadowWeights, ema_state, load_ema_state, make_ema
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
 
 from prefalign.training.features import Features
 
 log = logging.getLogger(__name__)
+MethodConfig = DPOConfig | DROConfig | KTOConfig
 MetricsFn = Callable[[dict[str, float], int], None]
 
 
@@ -115,35 +118,17 @@ def shard_sample_ids(
     return np.arange(start, start + batch_size)
 
 
-def make_accelerator(cfg: PolicyTrainerConfig) -> Accelerator:
-    """An Accelerator for ``cfg``: mixed precision on CUDA only, accumulation over ``grad_accum``."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    on_cuda = torch.cuda.is_available()
-    precision = cfg.mixed_precision if on_cuda else "no"
-    if precision != cfg.mixed_precision:
-        log.info("mixed_precision=%s needs CUDA; training in float32 on CPU", cfg.mixed_precision)
-    # The precision lives in a process-wide singleton that refuses a change; DPO and DRO run in one process
-    # in direct mode and may ask for different ones. The distributed set-up (PartialState) is kept.
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    # step_scheduler_with_optimizer=False: accelerate would otherwise step the lr schedule num_processes
-    # times per update, making warmup depend on the process count. We step it once per optimizer step.
-    return Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        cpu=not on_cuda,
-        step_scheduler_with_optimizer=False,
-    )
-
-
-def make_optimizer(params: list[Tensor], cfg: DPOConfig | DROConfig):
+def make_optimizer(params: list[Tensor], cfg: MethodConfig):
     """AdamW or Adafactor at ``cfg.lr`` with a linear warmup over ``cfg.warmup_steps``, then constant.
+
+    The schedule is diffusers' ``constant_with_warmup``: step s of the warmup trains at s/W of the rate
+    (the first update at 0).
 
     Adafactor follows the SDXL Diffusion-DPO recipe: a fixed learning rate (relative_step off) without the
     parameter-scale factor, weight decay 1e-2 like AdamW.
     """
+    from diffusers.optimization import get_scheduler
+
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -152,9 +137,7 @@ def make_optimizer(params: list[Tensor], cfg: DPOConfig | DROConfig):
         )
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    warmup = max(1, cfg.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    return opt, sched
+    return opt, get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps)
 
 
 @dataclass
@@ -219,6 +202,7 @@ class PolicyRun:
         *,
         shared: Mapping[str, Tensor] | None = None,
         local: Mapping[str, Tensor] | None = None,
+        state: Mapping[str, Any] | None = None,
         export: Callable[[Path], object] | None = None,
     ) -> None:
         if self.checkpoint_dir is None or self.identity is None or every == 0 or steps_done % every:
@@ -231,6 +215,7 @@ class PolicyRun:
             history=history.metrics,
             shared=shared,
             local=local,
+            state=state,
             export=export,
         )
 
@@ -244,7 +229,7 @@ class PolicyRun:
 
 def start_policy_run(
     unet,
-    cfg: DPOConfig | DROConfig,
+    cfg: MethodConfig,
     *,
     seed: int,
     purpose: str,
@@ -257,7 +242,7 @@ def start_policy_run(
         CheckpointMismatchError: ``checkpoint_dir`` holds checkpoints of a different run.
         ValueError: a LoRA target matches no module of the UNet (named).
     """
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     identity, resume_from = None, None
     if checkpoint_dir is not None:
         identity = RunIdentity(
@@ -289,7 +274,7 @@ def start_policy_run(
     )
 
 
-def _log_start(run: PolicyRun, method: str, cfg: DPOConfig | DROConfig, n_items: int, extra: str) -> None:
+def _log_start(run: PolicyRun, method: str, cfg: MethodConfig, n_items: int, extra: str) -> None:
     acc = run.accelerator
     global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
     if acc.is_main_process:
@@ -690,7 +675,7 @@ def train_dro(
     data = _ExpertData(feats, feats.latent_rows(expert_shas), feats.text_rows(expert_prompts), uncond)
     scheduler = make_scheduler("ddpm")
     sampler_copy = ShadowWeights(run.params)
-    ema = ShadowWeights(run.params) if cfg.ema_decay > 0 else None
+    ema = make_ema(run.params, cfg.ema_decay, warmup=False) if cfg.ema_decay > 0 else None
     buffers = _restore_dro_state(run, sampler_copy, ema, cfg)
     _log_start(
         run,
@@ -724,7 +709,7 @@ def train_dro(
         if (step + 1) % cfg.sync_every == 0:
             sampler_copy.copy_from(run.params)
         if ema is not None:
-            ema.ema_update(run.params, cfg.ema_decay)
+            ema.step(run.params.values())
         _record(
             run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics, log_every
         )
@@ -733,11 +718,12 @@ def train_dro(
             step + 1,
             cfg.checkpoint_every,
             history,
-            shared={**sampler_copy.state("sampler."), **(ema.state("ema.") if ema else {})},
+            shared={**sampler_copy.state("sampler."), **(ema_state(ema, list(run.params), "ema.") if ema else {})},
             local=_buffer_state(buffers) if mid_round else None,
+            state={"ema_updates": ema.optimization_step} if ema else None,
         )
     if ema is not None:
-        ema.copy_into(run.params)
+        ema.copy_to(run.params.values())
     run.finish()
     return history
 
@@ -779,7 +765,7 @@ def train_sft(
     )
     rows_x, rows_c = feats.latent_rows(expert_shas), feats.text_rows(expert_prompts)
     scheduler = make_scheduler("ddpm")
-    ema = ShadowWeights(run.params) if cfg.ema_decay > 0 else None
+    ema = make_ema(run.params, cfg.ema_decay, warmup=False) if cfg.ema_decay > 0 else None
     _log_start(run, "SFT on experts", cfg, len(expert_shas), f", ema {cfg.ema_decay:g}")
     history = TrainHistory()
     for step in _progress(run, cfg.steps, "train sft"):
@@ -802,12 +788,88 @@ def train_sft(
                 grad_norm = run.optimizer_step(cfg.max_grad_norm)
             _add(sums, {"loss": loss.item(), "err_expert": float(err.mean()), "ref_err_expert": float(ref_err.mean())})
         if ema is not None:
-            ema.ema_update(run.params, cfg.ema_decay)
+            ema.step(run.params.values())
         _record(
             run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics, log_every
         )
     if ema is not None:
-        ema.copy_into(run.params)
+        ema.copy_to(run.params.values())
+    run.finish()
+    return history
+
+
+def train_kto(
+    unet,
+    images: list[str],
+    prompts: list[str],
+    desirable: list[bool],
+    feats: Features,
+    cfg: KTOConfig,
+    *,
+    seed: int,
+    log_metrics: MetricsFn | None = None,
+    checkpoint_dir: Path | None = None,
+    log_every: int = 10,
+) -> TrainHistory:
+    """Diffusion-KTO (Li et al. 2024) on binary feedback, with a fresh LoRA adapter on ``unet`` (the reference).
+
+    Each sample is one judged image at a keyed t ≥ ``cfg.timestep_min`` and keyed ε; its implicit reward
+    is g = ref_err − err and the reference point z_ref is the detached batch mean of g, clamped at 0 (the
+    authors' estimate of the KL term), averaged over processes so that N processes train as one.
+
+    Args:
+        unet: the base UNet; it gets the adapter in place and holds the trained adapter on return.
+        images, prompts, desirable: the judged image sha, its prompt and the thumbs-up flag of each item.
+        feats: cached latents and text embeddings.
+        cfg: the ``kto`` section.
+        seed: root of every keyed draw.
+        log_metrics: called with ``train/*`` metrics every ``log_every`` steps on the main process.
+        checkpoint_dir: the run's checkpoint folder; resumed from when it holds this run's checkpoints.
+        log_every: steps between ``log_metrics`` calls.
+
+    Returns:
+        Per-step metrics of the whole run.
+
+    Raises:
+        ValueError: no feedback, or only one kind of it (KTO needs desirable and undesirable examples).
+    """
+    if len(set(desirable)) < 2:
+        raise ValueError(f"train_kto: needs desirable and undesirable feedback, got {len(desirable)} of one kind")
+    data_sha = strings_sha(images, prompts, [str(bool(d)) for d in desirable])
+    run = start_policy_run(unet, cfg, seed=seed, purpose="kto", checkpoint_dir=checkpoint_dir, data_sha=data_sha)
+    rows_x, rows_c = feats.latent_rows(images), feats.text_rows(prompts)
+    wanted = torch.tensor(desirable, dtype=torch.bool)
+    scheduler = make_scheduler("ddpm")
+    _log_start(run, "KTO", cfg, len(images), f", beta {cfg.beta:g}, {int(wanted.sum())} desirable")
+    history = TrainHistory.restored(run.resumed)
+    for step in _progress(run, cfg.steps, "train kto"):
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            ids = run.sample_ids(step, micro, cfg, cfg.batch_size)
+            items = torch.from_numpy(keyed_order(len(rows_x), ids, seed=seed, purpose="kto-order"))
+            t, noise = keyed_timesteps_and_noise(
+                ids, seed=seed, purpose="kto", shape=tuple(feats.latents.shape[1:]), timestep_min=cfg.timestep_min
+            )
+            t, noise = t.to(run.device), noise.to(run.device)
+            cond_rows = drop_prompts(rows_c[items], ids, cfg.prompt_dropout, feats.empty_prompt_row, seed=seed)
+            noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise, t)
+            with run.accelerator.accumulate(run.unet):
+                with run.accelerator.autocast():
+                    err, ref_err = policy_and_reference_errors(
+                        run.unet, run.model, noisy, t, feats.text[cond_rows].to(run.device), noise
+                    )
+                    kl_ref = run.global_mean({"g": float((ref_err - err).mean())})["g"]
+                    loss = diffusion_kto_loss(
+                        err, ref_err, wanted[items].to(run.device), beta=cfg.beta, kl_ref=max(kl_ref, 0.0)
+                    ).mean()
+                run.accelerator.backward(loss)
+                lr = run.lr_scheduler.get_last_lr()[0]
+                grad_norm = run.optimizer_step(cfg.max_grad_norm)
+            _add(sums, {"loss": loss.item(), "kl_ref": kl_ref, "model_err": float(err.mean())})
+        _record(
+            run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics, log_every
+        )
+        run.maybe_checkpoint(step + 1, cfg.checkpoint_every, history)
     run.finish()
     return history
 
@@ -817,14 +879,14 @@ def _buffer_state(buffers: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def _restore_dro_state(
-    run: PolicyRun, sampler_copy: ShadowWeights, ema: ShadowWeights | None, cfg: DROConfig
+    run: PolicyRun, sampler_copy: ShadowWeights, ema: EMAModel | None, cfg: DROConfig
 ) -> list[dict[str, Tensor]] | None:
     """Sampler copy, EMA and (mid-round) the recorded trajectories from the checkpoint resumed from."""
     if run.resumed is None:
         return None
     sampler_copy.load(run.resumed.shared, "sampler.")
     if ema is not None:
-        ema.load(run.resumed.shared, "ema.")
+        load_ema_state(ema, list(run.params), run.resumed.shared, "ema.", int(run.resumed.state["ema_updates"]))
     if run.resumed.step % cfg.reuse == 0:
         return None
     return [

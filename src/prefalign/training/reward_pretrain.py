@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 from prefalign.losses.reward import clip_contrastive_loss
 from prefalign.models.reward_model import MAX_LOGIT_SCALE, RewardScorer
-from prefalign.training.reward import LOG_EVERY, MAX_GRAD_NORM, MetricsFn, optimizer_for
+from prefalign.training.reward import LOG_EVERY, MetricsFn, optimizer_for
 from prefalign.training.reward_data import keyed_batches, mirror_flips, model_inputs
+from prefalign.training.reward_steps import MAX_GRAD_NORM
 
 log = logging.getLogger(__name__)
 
