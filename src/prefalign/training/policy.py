@@ -772,16 +772,10 @@ def train_sft(
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             ids = run.sample_ids(step, micro, cfg, cfg.batch_size)
-            items = torch.from_numpy(keyed_order(len(rows_x), ids, seed=seed, purpose="sft-order"))
-            t, noise = keyed_timesteps_and_noise(ids, seed=seed, purpose="sft", shape=tuple(feats.latents.shape[1:]))
-            t, noise = t.to(run.device), noise.to(run.device)
-            cond_rows = drop_prompts(rows_c[items], ids, cfg.prompt_dropout, feats.empty_prompt_row, seed=seed)
-            noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise, t)
+            _, batch = _image_batch(run, scheduler, feats, rows_x, rows_c, ids, seed=seed, purpose="sft", cfg=cfg)
             with run.accelerator.accumulate(run.unet):
                 with run.accelerator.autocast():
-                    err, ref_err = policy_and_reference_errors(
-                        run.unet, run.model, noisy, t, feats.text[cond_rows].to(run.device), noise
-                    )
+                    err, ref_err = policy_and_reference_errors(run.unet, run.model, *batch)
                     loss = err.mean()
                 run.accelerator.backward(loss)
                 lr = run.lr_scheduler.get_last_lr()[0]
@@ -846,18 +840,10 @@ def train_kto(
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             ids = run.sample_ids(step, micro, cfg, cfg.batch_size)
-            items = torch.from_numpy(keyed_order(len(rows_x), ids, seed=seed, purpose="kto-order"))
-            t, noise = keyed_timesteps_and_noise(
-                ids, seed=seed, purpose="kto", shape=tuple(feats.latents.shape[1:]), timestep_min=cfg.timestep_min
-            )
-            t, noise = t.to(run.device), noise.to(run.device)
-            cond_rows = drop_prompts(rows_c[items], ids, cfg.prompt_dropout, feats.empty_prompt_row, seed=seed)
-            noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise, t)
+            items, batch = _image_batch(run, scheduler, feats, rows_x, rows_c, ids, seed=seed, purpose="kto", cfg=cfg)
             with run.accelerator.accumulate(run.unet):
                 with run.accelerator.autocast():
-                    err, ref_err = policy_and_reference_errors(
-                        run.unet, run.model, noisy, t, feats.text[cond_rows].to(run.device), noise
-                    )
+                    err, ref_err = policy_and_reference_errors(run.unet, run.model, *batch)
                     kl_ref = run.global_mean({"g": float((ref_err - err).mean())})["g"]
                     loss = diffusion_kto_loss(
                         err, ref_err, wanted[items].to(run.device), beta=cfg.beta, kl_ref=max(kl_ref, 0.0)
@@ -872,6 +858,36 @@ def train_kto(
         run.maybe_checkpoint(step + 1, cfg.checkpoint_every, history)
     run.finish()
     return history
+
+
+def _image_batch(
+    run: PolicyRun,
+    scheduler,
+    feats: Features,
+    rows_x: Tensor,
+    rows_c: Tensor,
+    ids: np.ndarray,
+    *,
+    seed: int,
+    purpose: str,
+    cfg: DROConfig | KTOConfig,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Items and (noisy latents, t, text, ε) of the global samples ``ids`` of a one-image-per-sample trainer.
+
+    Keyed item order, t (from ``cfg.timestep_min`` where the method has one), ε and prompt dropout.
+    """
+    items = torch.from_numpy(keyed_order(len(rows_x), ids, seed=seed, purpose=f"{purpose}-order"))
+    t, noise = keyed_timesteps_and_noise(
+        ids,
+        seed=seed,
+        purpose=purpose,
+        shape=tuple(feats.latents.shape[1:]),
+        timestep_min=getattr(cfg, "timestep_min", 0),
+    )
+    t, noise = t.to(run.device), noise.to(run.device)
+    cond_rows = drop_prompts(rows_c[items], ids, cfg.prompt_dropout, feats.empty_prompt_row, seed=seed)
+    noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise, t)
+    return items, (noisy, t, feats.text[cond_rows].to(run.device), noise)
 
 
 def _buffer_state(buffers: list[dict[str, Tensor]]) -> dict[str, Tensor]:
