@@ -327,7 +327,9 @@ class KTOConfig(PolicyTrainerConfig):
     batch_size: PositiveInt = Field(32, description="Judged images per micro-batch per process.")
     warmup_steps: NonNegativeInt = Field(20, description="Linear warmup steps (a fresh adapter, as DPO).")
     prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Share of images trained with the empty prompt.")
-    timestep_min: int = Field(0, ge=0, lt=1000, description="Train on t ~ U{timestep_min..999} (as dpo.timestep_min).")
+    timestep_min: int = Field(
+        700, ge=0, lt=1000, description="Train on t ~ U{timestep_min..999}; 700 as dpo.timestep_min (0: published)."
+    )
 
 
 class EvalConfig(Section):
