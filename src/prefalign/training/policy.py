@@ -177,6 +177,13 @@ class PolicyRun:
             num_processes=self.accelerator.num_processes,
         )
 
+    def backward_and_step(self, loss: Tensor, max_grad_norm: float) -> tuple[float, float | None]:
+        """Backward of one micro-batch, then ``optimizer_step``; returns the learning rate this update used
+        (read before the schedule steps) and the gradient norm (None before the last micro-step)."""
+        self.accelerator.backward(loss)
+        lr = float(self.lr_scheduler.get_last_lr()[0])
+        return lr, self.optimizer_step(max_grad_norm)
+
     def optimizer_step(self, max_grad_norm: float) -> float | None:
         """Clip, step and zero the gradients at the last micro-step of an update; None before it."""
         if not self.accelerator.sync_gradients:
@@ -424,9 +431,7 @@ def train_dpo(
                 with run.accelerator.autocast():
                     errs = _dpo_micro_errors(run, scheduler, data, ids, cfg, seed)
                     loss = diffusion_dpo_loss(*errs, beta=cfg.beta, variant=cfg.variant).mean()
-                run.accelerator.backward(loss)
-                lr = run.lr_scheduler.get_last_lr()[0]
-                grad_norm = run.optimizer_step(cfg.max_grad_norm)
+                lr, grad_norm = run.backward_and_step(loss, cfg.max_grad_norm)
             _add(sums, {"loss": loss.item(), **dpo_metrics(*errs, beta=cfg.beta)})
         _record(
             run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics, log_every
@@ -702,9 +707,7 @@ def train_dro(
                 with run.accelerator.autocast():
                     errs = _dro_micro_errors(run, scheduler, data, buffers[micro], ids, step, seed, cfg)
                     loss = diffusion_dro_loss(*errs, margin=cfg.margin).mean()
-                run.accelerator.backward(loss)
-                lr = run.lr_scheduler.get_last_lr()[0]
-                grad_norm = run.optimizer_step(cfg.max_grad_norm)
+                lr, grad_norm = run.backward_and_step(loss, cfg.max_grad_norm)
             _add(sums, {"loss": loss.item(), **_dro_metrics(*errs, cfg.margin)})
         if (step + 1) % cfg.sync_every == 0:
             sampler_copy.copy_from(run.params)
@@ -772,14 +775,14 @@ def train_sft(
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             ids = run.sample_ids(step, micro, cfg, cfg.batch_size)
-            _, batch = _image_batch(run, scheduler, feats, rows_x, rows_c, ids, seed=seed, purpose="sft", cfg=cfg)
+            _, batch = _image_batch(
+                run, scheduler, feats, rows_x, rows_c, ids, seed=seed, purpose="sft", prompt_dropout=cfg.prompt_dropout
+            )
             with run.accelerator.accumulate(run.unet):
                 with run.accelerator.autocast():
                     err, ref_err = policy_and_reference_errors(run.unet, run.model, *batch)
                     loss = err.mean()
-                run.accelerator.backward(loss)
-                lr = run.lr_scheduler.get_last_lr()[0]
-                grad_norm = run.optimizer_step(cfg.max_grad_norm)
+                lr, grad_norm = run.backward_and_step(loss, cfg.max_grad_norm)
             _add(sums, {"loss": loss.item(), "err_expert": float(err.mean()), "ref_err_expert": float(ref_err.mean())})
         if ema is not None:
             ema.step(run.params.values())
@@ -840,7 +843,18 @@ def train_kto(
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             ids = run.sample_ids(step, micro, cfg, cfg.batch_size)
-            items, batch = _image_batch(run, scheduler, feats, rows_x, rows_c, ids, seed=seed, purpose="kto", cfg=cfg)
+            items, batch = _image_batch(
+                run,
+                scheduler,
+                feats,
+                rows_x,
+                rows_c,
+                ids,
+                seed=seed,
+                purpose="kto",
+                prompt_dropout=cfg.prompt_dropout,
+                timestep_min=cfg.timestep_min,
+            )
             with run.accelerator.accumulate(run.unet):
                 with run.accelerator.autocast():
                     err, ref_err = policy_and_reference_errors(run.unet, run.model, *batch)
@@ -848,9 +862,7 @@ def train_kto(
                     loss = diffusion_kto_loss(
                         err, ref_err, wanted[items].to(run.device), beta=cfg.beta, kl_ref=max(kl_ref, 0.0)
                     ).mean()
-                run.accelerator.backward(loss)
-                lr = run.lr_scheduler.get_last_lr()[0]
-                grad_norm = run.optimizer_step(cfg.max_grad_norm)
+                lr, grad_norm = run.backward_and_step(loss, cfg.max_grad_norm)
             _add(sums, {"loss": loss.item(), "kl_ref": kl_ref, "model_err": float(err.mean())})
         _record(
             run, history, step, sums, cfg.grad_accum, {"grad_norm": grad_norm or 0.0, "lr": lr}, log_metrics, log_every
@@ -870,11 +882,12 @@ def _image_batch(
     *,
     seed: int,
     purpose: str,
-    cfg: DROConfig | KTOConfig,
+    prompt_dropout: float,
+    timestep_min: int = 0,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Items and (noisy latents, t, text, ε) of the global samples ``ids`` of a one-image-per-sample trainer.
 
-    Keyed item order, t (from ``cfg.timestep_min`` where the method has one), ε and prompt dropout.
+    Keyed item order, t (uniform on ``timestep_min``..999), ε and prompt dropout.
     """
     items = torch.from_numpy(keyed_order(len(rows_x), ids, seed=seed, purpose=f"{purpose}-order"))
     t, noise = keyed_timesteps_and_noise(
@@ -882,10 +895,10 @@ def _image_batch(
         seed=seed,
         purpose=purpose,
         shape=tuple(feats.latents.shape[1:]),
-        timestep_min=getattr(cfg, "timestep_min", 0),
+        timestep_min=timestep_min,
     )
     t, noise = t.to(run.device), noise.to(run.device)
-    cond_rows = drop_prompts(rows_c[items], ids, cfg.prompt_dropout, feats.empty_prompt_row, seed=seed)
+    cond_rows = drop_prompts(rows_c[items], ids, prompt_dropout, feats.empty_prompt_row, seed=seed)
     noisy = scheduler.add_noise(feats.latents[rows_x[items]].to(run.device), noise, t)
     return items, (noisy, t, feats.text[cond_rows].to(run.device), noise)
 

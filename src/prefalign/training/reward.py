@@ -173,8 +173,10 @@ def train_reward_model(
     pair_stream, ranking_stream = row_streams(cfg, train, use_pairs, use_rankings, seed)
     train_tensors = SplitTensors.of(scorer, train, mirrored=cfg.mirror_augment)
     val_tensors = SplitTensors.of(scorer, val)
-    identity = run_identity(cfg, train, scorer, seed) if checkpoint_dir is not None else None
-    resume_from = resumable_checkpoint(checkpoint_dir, identity) if checkpoint_dir and identity else None
+    identity, resume_from = None, None
+    if checkpoint_dir is not None:
+        identity = run_identity(cfg, train, scorer, seed)
+        resume_from = resumable_checkpoint(checkpoint_dir, identity)
     optimizer, schedule = optimizer_for(scorer.model, lr=cfg.lr, steps=cfg.steps)
     _, optimizer, schedule = accelerator.prepare(scorer.model, optimizer, schedule)
     register_trainable_hooks(accelerator, scorer.model)
