@@ -5,16 +5,22 @@ transformers ``CLIPModel``, so a trained reward model is a plain CLIP folder tha
 ``CLIPModel.from_pretrained`` loads anywhere. On the demo world the backbone is a tiny CLIP built from
 config with the grammar's word-level tokenizer; on real data it is a local CLIP folder (never a hub id).
 
-Preprocessing is ours (no torchvision here): uint8 HWC images are resized (PIL bilinear, shortest side,
-centre crop, as CLIP's processor) to the model's ``image_size`` when they differ, scaled to [0, 1] and
-normalised with the folder's ``image_mean`` / ``image_std`` (CLIP's by default).
+Preprocessing is CLIP's own, written out so that it runs on uint8 images in DataLoader workers and the
+float conversion happens one batch at a time on the device: the shorter side is resized to the folder's
+``size.shortest_edge`` with its ``resample`` filter (PIL bicubic by default, as ``CLIPImageProcessor``),
+the centre ``image_size`` square is cropped, pixels are scaled to [0, 1] and normalised with the folder's
+``image_mean`` / ``image_std`` (CLIP's by default). The result equals ``CLIPImageProcessor``'s (the PIL
+backend transformers uses without torchvision) to float rounding; an image already of the model's size
+passes through untouched, so the demo's 16 px images never meet a filter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +37,9 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_FILE = "preprocessor_config.json"
+# PIL resampling codes as preprocessor_config.json stores them: CLIP resizes bicubic (3).
+PIL_BILINEAR, PIL_BICUBIC = 2, 3
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # exp(logit_scale) is capped at 100 as in CLIP training: beyond it a tiny model can shrink the loss by
 # inflating the scale instead of separating the embeddings.
 MAX_LOGIT_SCALE = float(np.log(100.0))
@@ -103,18 +112,51 @@ def build_tiny_reward_model(
     return model.train()
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 HWC image so its shorter side is ``size`` (PIL bilinear), then centre-crop a square."""
+def resize_image(
+    image: np.ndarray, size: int, *, shortest_edge: int | None = None, resample: int = PIL_BICUBIC
+) -> np.ndarray:
+    """CLIP's resize and centre crop of a uint8 HWC image: the shorter side to ``shortest_edge`` (default
+    ``size``) with PIL filter ``resample``, then the centre ``size`` × ``size`` square.
+
+    The longer side is ``int(shortest_edge · long / short)``, truncated as ``CLIPImageProcessor`` computes it,
+    so the crop takes the same pixels. An image already ``size`` square (with ``shortest_edge == size``) is
+    returned as it is.
+    """
     from PIL import Image
 
+    shortest_edge = size if shortest_edge is None else shortest_edge
+    if shortest_edge < size:
+        raise ValueError(f"shortest_edge ({shortest_edge}) must be at least the crop size ({size})")
     height, width = image.shape[:2]
-    if height == width == size:
+    if height == width == size == shortest_edge:
         return image
-    scale = size / min(height, width)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    short, long = min(height, width), max(height, width)
+    new_long = int(shortest_edge * long / short)
+    new_w, new_h = (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
+    resized = image
+    if (new_h, new_w) != (height, width):
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling(resample)))
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[top : top + size, left : left + size]
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """The uint8 part of a scorer's preprocessing (resize + centre crop), picklable for DataLoader workers.
+
+    Attributes:
+        size: side of the square the vision tower takes (``crop_size``).
+        shortest_edge: the shorter side is resized to this first (``size.shortest_edge``; >= ``size``).
+        resample: PIL filter code (3 = bicubic, CLIP's).
+    """
+
+    size: int
+    shortest_edge: int
+    resample: int = PIL_BICUBIC
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """uint8 ``(H, W, 3)`` -> uint8 ``(size, size, 3)``."""
+        return resize_image(image, self.size, shortest_edge=self.shortest_edge, resample=self.resample)
 
 
 def check_clip_folder(folder: str | Path) -> Path:
@@ -145,6 +187,10 @@ class RewardScorer:
         model: the dual encoder (trained in place by ``prefalign.training.reward``).
         tokenizer: its ``CLIPTokenizer``.
         image_mean, image_std: per-channel normalisation applied after scaling pixels to [0, 1].
+        shortest_edge: the shorter image side is resized to this before the centre crop (None: ``image_size``).
+        resample: PIL filter of that resize (3 = bicubic, CLIP's).
+        mixed_precision: "no", "bf16" or "fp16": the autocast of every forward on CUDA (``autocast``);
+            the trainer sets it from ``reward.mixed_precision``. CPU always runs in float32.
     """
 
     def __init__(
@@ -154,16 +200,37 @@ class RewardScorer:
         *,
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
+        shortest_edge: int | None = None,
+        resample: int = PIL_BICUBIC,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
+        self.shortest_edge = shortest_edge
+        self.resample = int(resample)
+        self.mixed_precision = "no"
 
     @property
     def image_size(self) -> int:
         """Side of the square images the vision tower takes."""
         return int(self.model.config.vision_config.image_size)
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        """Resize + centre crop to the vision tower's size, as a picklable callable on uint8 images."""
+        size = self.image_size
+        return ImagePreprocessing(size, self.shortest_edge or size, self.resample)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """``torch.autocast`` in ``mixed_precision`` when the model is on CUDA; nothing otherwise."""
+        dtype = AUTOCAST_DTYPES.get(self.mixed_precision)
+        if dtype is None or self.device.type != "cuda":
+            yield
+            return
+        with torch.autocast("cuda", dtype=dtype):
+            yield
 
     @property
     def device(self) -> torch.device:
@@ -175,12 +242,13 @@ class RewardScorer:
         positions = int(self.model.config.text_config.max_position_embeddings)
         return min(int(self.tokenizer.model_max_length), positions)
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """``(input_ids, attention_mask)`` padded to the longest prompt, on the model's device."""
+    def tokenize(self, prompts: Sequence[str], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` padded to the longest prompt, on ``device`` (None: the model's)."""
         encoded = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
-        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+        target = self.device if device is None else device
+        return encoded["input_ids"].to(target), encoded["attention_mask"].to(target)
 
     def pixel_values(self, images: np.ndarray) -> Tensor:
         """uint8 ``(N, H, W, 3)`` -> normalised float ``(N, 3, S, S)`` on the model's device."""
@@ -194,8 +262,10 @@ class RewardScorer:
         Kept as uint8 so a whole training split fits in memory (4x smaller than floats); ``normalise``
         converts one batch at a time.
         """
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            images = np.stack([resize_image(img, self.image_size) for img in images])
+        preprocessing = self.preprocessing
+        side = preprocessing.size
+        if images.shape[1:3] != (side, side) or preprocessing.shortest_edge != side:
+            images = np.stack([preprocessing(img) for img in images])
         return torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).contiguous()
 
     def normalise(self, pixels: Tensor) -> Tensor:
@@ -205,14 +275,16 @@ class RewardScorer:
         return (pixels.float() / 255.0 - mean) / std
 
     def text_embeddings(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Unit-norm text embeddings ``(N, D)``."""
+        """Unit-norm float32 text embeddings ``(N, D)``."""
         features = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return torch.nn.functional.normalize(features, dim=-1)
+        # Under bf16 autocast the towers return bf16: norms and scores are taken in float32, where score
+        # differences of a pair (what BT trains on) keep their digits. A no-op for float32 features.
+        return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def image_embeddings(self, pixel_values: Tensor) -> Tensor:
-        """Unit-norm image embeddings ``(N, D)``."""
+        """Unit-norm float32 image embeddings ``(N, D)``."""
         features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
-        return torch.nn.functional.normalize(features, dim=-1)
+        return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def logit_scale(self) -> Tensor:
         """The learned score scale exp(logit_scale), a scalar tensor."""
@@ -236,7 +308,8 @@ class RewardScorer:
             for start in range(0, len(prompts), batch_size):
                 input_ids, attention_mask = self.tokenize(prompts[start : start + batch_size])
                 pixels = self.pixel_values(images[start : start + batch_size])
-                chunks.append(self.forward_scores(input_ids, attention_mask, pixels).float().cpu())
+                with self.autocast():
+                    chunks.append(self.forward_scores(input_ids, attention_mask, pixels).float().cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
@@ -251,13 +324,13 @@ class RewardScorer:
         return path
 
     def _preprocessor_config(self) -> dict[str, Any]:
-        """``CLIPImageProcessor`` settings that reproduce ``pixel_values`` (resample 2 = bilinear)."""
+        """``CLIPImageProcessor`` settings that reproduce ``pixel_values``."""
         size = self.image_size
         return {
             "image_processor_type": "CLIPImageProcessor",
             "do_resize": True,
-            "size": {"shortest_edge": size},
-            "resample": 2,
+            "size": {"shortest_edge": self.shortest_edge or size},
+            "resample": self.resample,
             "do_center_crop": True,
             "crop_size": {"height": size, "width": size},
             "do_rescale": True,
@@ -284,12 +357,45 @@ class RewardScorer:
         # files instead of raising; scores from it would be silently meaningless.
         if len(tokenizer) <= 2:
             raise ValueError(f"reward backbone {str(path)!r}: no usable tokenizer files (got {len(tokenizer)} tokens)")
-        mean, std = CLIP_MEAN, CLIP_STD
+        scorer = cls(model, tokenizer)
         preprocessor = path / PREPROCESSOR_FILE
         if preprocessor.is_file():
-            settings = json.loads(preprocessor.read_text())
-            mean, std = settings.get("image_mean", mean), settings.get("image_std", std)
-        return cls(model, tokenizer, image_mean=mean, image_std=std)
+            scorer._apply_preprocessor_config(preprocessor)
+        return scorer
+
+    def _apply_preprocessor_config(self, file: Path) -> None:
+        """Take normalisation, resize and filter from a ``CLIPImageProcessor`` file; its crop must be the
+        vision tower's size.
+
+        Raises:
+            ValueError: naming the file and key, for a crop other than ``image_size`` or a resize smaller
+                than the crop.
+        """
+        settings = json.loads(file.read_text())
+        self.image_mean = tuple(float(v) for v in settings.get("image_mean", CLIP_MEAN))
+        self.image_std = tuple(float(v) for v in settings.get("image_std", CLIP_STD))
+        self.resample = int(settings.get("resample", PIL_BICUBIC))
+        size = self.image_size
+        crop = _square_side(settings.get("crop_size", size), file, "crop_size")
+        if settings.get("do_center_crop", True) and crop != size:
+            raise ValueError(f"{file}: crop_size is {crop} but the vision tower takes {size} px images")
+        resize = settings.get("size", size)
+        if isinstance(resize, Mapping) and "shortest_edge" in resize:
+            shortest_edge = int(resize["shortest_edge"])
+        else:
+            shortest_edge = _square_side(resize, file, "size")
+        if shortest_edge < size:
+            raise ValueError(f"{file}: size {shortest_edge} is smaller than the {size} px crop the model takes")
+        self.shortest_edge = shortest_edge if settings.get("do_resize", True) else size
+
+
+def _square_side(value: Any, file: Path, key: str) -> int:
+    """A preprocessor size given as an int or a square ``{"height", "width"}``."""
+    if isinstance(value, Mapping):
+        if value.get("height") != value.get("width") or value.get("height") is None:
+            raise ValueError(f"{file}: {key} {dict(value)} is not a square; CLIP crops square images")
+        return int(value["height"])
+    return int(value)
 
 
 def freeze_all_but_last_layers(model: CLIPModel, n_layers: int) -> None:

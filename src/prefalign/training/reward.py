@@ -1,11 +1,18 @@
 """The reward-model training loop (Bradley–Terry on pairs, Plackett–Luce on rankings).
 
-The loop stays linear: batch of pairs/rankings -> one step of ``reward_steps`` -> EMA -> periodic
+The loop stays linear: step plan and its images -> one step of ``reward_steps`` -> EMA -> periodic
 validation -> early stopping on the validation loss (or accuracy, ``reward.select_on``), keeping the best
 weights (``reward_selection``). It runs on the trainers' shared harness: the Accelerator of
 ``harness.make_accelerator``, diffusers' ``get_scheduler`` and ``EMAModel``, and the checkpoints of
 ``checkpoints`` (accelerate ``save_state``, atomic publish, the run's fingerprint, one mismatch error).
 The data it indexes is ``reward_data``, the held-out report ``reward_scoring``.
+
+At CLIP-L/H scale: images come from the device or are decoded on demand (``reward.preload_max_bytes``),
+forwards run under bf16 autocast on CUDA (``reward.mixed_precision``) and the towers can recompute their
+activations in the backward (``reward.gradient_checkpointing``). Under ``accelerate launch`` (the policies'
+launcher) each of P processes trains on its share of a global batch of P × ``batch_size`` pairs, decoding
+only its own images; gradients are averaged before clipping and validation is gathered, so every process
+holds the same weights and stops at the same step.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from prefalign.training.checkpoints import (
     weights_sha,
 )
 from prefalign.training.harness import make_accelerator
-from prefalign.training.reward_data import RewardData, SplitTensors, row_streams
+from prefalign.training.reward_data import RewardData, SplitTensors, image_batches, step_plans
 from prefalign.training.reward_selection import BestWeights
 from prefalign.training.reward_steps import train_step, validate
 from prefalign.training.weights import ema_state, ema_swapped_in, load_ema_state, make_ema
@@ -83,8 +90,10 @@ def optimizer_for(model: torch.nn.Module, *, lr: float, steps: int) -> tuple[tor
     return optimizer, get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
-def run_identity(cfg: RewardConfig, train: RewardData, scorer: RewardScorer, seed: int) -> RunIdentity:
-    """What a checkpoint must match: the reward config, seed, training examples and starting weights."""
+def run_identity(
+    cfg: RewardConfig, train: RewardData, scorer: RewardScorer, seed: int, num_processes: int = 1
+) -> RunIdentity:
+    """What a checkpoint must match: the reward config, seed, training examples, starting weights, processes."""
     rankings = [] if train.ranking_images is None else [str(row) for row in train.ranking_images.tolist()]
     pairs = [f"{win},{lose},{y}" for win, lose, y in zip(train.pair_w, train.pair_l, train.pair_label, strict=True)]
     return RunIdentity(
@@ -92,7 +101,7 @@ def run_identity(cfg: RewardConfig, train: RewardData, scorer: RewardScorer, see
         seed=seed,
         data_sha=strings_sha(train.image_shas, train.prompts, pairs, rankings),
         init_sha=weights_sha(scorer.model),
-        num_processes=1,
+        num_processes=num_processes,
     )
 
 
@@ -163,22 +172,26 @@ def train_reward_model(
         CheckpointMismatchError: ``checkpoint_dir`` holds checkpoints of a different run (names what differs).
     """
     torch.manual_seed(seed)
-    # One process: the scorer calls the CLIP towers directly (not through a DDP wrapper's forward), and a
-    # demo-to-PickScore-sized reward model trains in minutes on one device.
-    accelerator = make_accelerator()
-    if accelerator.num_processes > 1:
-        raise RuntimeError("reward training runs in one process; start it without `accelerate launch`")
+    accelerator = make_accelerator(cfg.mixed_precision)
     scorer.model.to(accelerator.device)
+    scorer.mixed_precision = accelerator.mixed_precision  # "no" on CPU
+    if accelerator.num_processes > 1:
+        _same_weights_everywhere(scorer.model)
     use_pairs, use_rankings = _loss_parts(cfg, train)
-    pair_stream, ranking_stream = row_streams(cfg, train, use_pairs, use_rankings, seed)
-    train_tensors = SplitTensors.of(scorer, train, mirrored=cfg.mirror_augment)
-    val_tensors = SplitTensors.of(scorer, val)
+    train_tensors = SplitTensors.of(scorer, train, mirrored=cfg.mirror_augment, num_workers=cfg.num_workers)
+    val_tensors = SplitTensors.of(scorer, val, num_workers=cfg.num_workers)
     identity, resume_from = None, None
     if checkpoint_dir is not None:
-        identity = run_identity(cfg, train, scorer, seed)
+        identity = run_identity(cfg, train, scorer, seed, accelerator.num_processes)
         resume_from = resumable_checkpoint(checkpoint_dir, identity)
+    if cfg.gradient_checkpointing:
+        # transformers 5 names it activation checkpointing (gradient_checkpointing_enable is its deprecated
+        # alias); non-reentrant, it recomputes each tower layer in the backward, only in train mode.
+        scorer.model.activation_checkpointing_enable()
     optimizer, schedule = optimizer_for(scorer.model, lr=cfg.lr, steps=cfg.steps)
-    _, optimizer, schedule = accelerator.prepare(scorer.model, optimizer, schedule)
+    # The model is not prepared: the trainer calls its towers directly, past any DDP wrapper's forward, and
+    # averages gradients itself (``reward_steps.average_gradients``); forwards autocast through the scorer.
+    optimizer, schedule = accelerator.prepare(optimizer, schedule)
     register_trainable_hooks(accelerator, scorer.model)
     params = {name: p for name, p in scorer.model.named_parameters() if p.requires_grad}
     ema = make_ema(params, cfg.ema_decay, warmup=True) if cfg.ema_decay > 0 else None
@@ -187,47 +200,90 @@ def train_reward_model(
     start = 0
     if resume_from is not None:
         start, history = _resume(accelerator, resume_from, best, ema, list(params))
-        # Batch order is keyed by (seed, epoch): replaying the stream to the step restores the data position.
-        for _ in range(start):
-            next(pair_stream) if pair_stream else None
-            next(ranking_stream) if ranking_stream else None
         log.info("reward training resumes at step %d from %s", start, resume_from)
-    log.info(
-        "reward training: loss=%s, %d train pairs, %d rankings, %d val pairs, up to %d steps of %d pairs",
-        *(cfg.loss, train.n_pairs, train.n_rankings, val.n_pairs, cfg.steps, cfg.batch_size),
+    if accelerator.is_main_process:
+        log.info(
+            "reward training: loss=%s, %d train pairs, %d rankings, %d val pairs, up to %d steps of %d pairs "
+            "(%d per process x %d), %s, images %s, precision %s, activation checkpointing %s",
+            *(cfg.loss, train.n_pairs, train.n_rankings, val.n_pairs, cfg.steps),
+            *(cfg.batch_size * accelerator.num_processes, cfg.batch_size, accelerator.num_processes),
+            accelerator.device,
+            "on the device" if train.images is not None else f"decoded on demand ({cfg.num_workers} workers)",
+            accelerator.mixed_precision,
+            "on" if cfg.gradient_checkpointing else "off",
+        )
+    plans = step_plans(
+        cfg,
+        train,
+        seed,
+        use_pairs=use_pairs,
+        use_rankings=use_rankings,
+        start=start,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
     )
+    batches = image_batches(train_tensors.images, plans, accelerator.device, cfg.num_workers)
     scorer.model.train()
     steps_run = start
-    bar = tqdm(range(start, cfg.steps), desc="train reward", disable=not progress, mininterval=2)
-    for step in bar:
-        if best.exhausted:  # resumed from a checkpoint written at the early stop
-            break
-        pair_rows = next(pair_stream) if pair_stream else None
-        ranking_rows = next(ranking_stream) if ranking_stream else None
-        mirror = (seed, step) if cfg.mirror_augment else None
-        metrics = train_step(scorer, train_tensors, pair_rows, ranking_rows, optimizer, schedule, accelerator, mirror)
-        steps_run = step + 1
-        if ema is not None:
-            ema.step(params.values())
-        for key in ("loss", "lr", "logit_scale"):
-            history[key].append(metrics[key])
-        history["step"].append(float(steps_run))
-        if log_metrics and step % LOG_EVERY == 0:
-            log_metrics({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, steps_run)
-        if steps_run % cfg.eval_every == 0 or steps_run == cfg.steps:
-            # With an EMA, the averaged weights are what is validated and kept.
-            with ema_swapped_in(ema, params) if ema is not None else contextlib.nullcontext():
-                stop = _evaluate_and_check(scorer, val_tensors, best, history, steps_run, log_metrics, bar)
-            if checkpoint_dir is not None and identity is not None:
-                _save(accelerator, checkpoint_dir, steps_run, identity, best, history, ema, list(params))
-            if stop:
-                log.info("early stopping at step %d: no better validation for %d evaluations", steps_run, cfg.patience)
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc="train reward",
+        disable=not progress or not accelerator.is_main_process,
+        mininterval=2,
+    )
+    try:
+        for step in bar:
+            if best.exhausted:  # resumed from a checkpoint written at the early stop
                 break
+            plan, pixels = next(batches)
+            metrics = train_step(scorer, train_tensors, plan, pixels, optimizer, schedule, accelerator)
+            if accelerator.num_processes > 1:
+                metrics = _mean_over_processes(accelerator, metrics)
+            steps_run = step + 1
+            if ema is not None:
+                ema.step(params.values())
+            for key in ("loss", "lr", "logit_scale"):
+                history[key].append(metrics[key])
+            history["step"].append(float(steps_run))
+            if log_metrics and step % LOG_EVERY == 0:
+                log_metrics({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, steps_run)
+            if steps_run % cfg.eval_every == 0 or steps_run == cfg.steps:
+                # With an EMA, the averaged weights are what is validated and kept.
+                with ema_swapped_in(ema, params) if ema is not None else contextlib.nullcontext():
+                    stop = _evaluate_and_check(scorer, val_tensors, best, history, steps_run, log_metrics, bar)
+                if checkpoint_dir is not None and identity is not None:
+                    _save(accelerator, checkpoint_dir, steps_run, identity, best, history, ema, list(params))
+                if stop:
+                    log.info(
+                        "early stopping at step %d: no better validation for %d evaluations", steps_run, cfg.patience
+                    )
+                    break
+    finally:
+        batches.close()  # stops the DataLoader's workers of an early stop
     best.restore(scorer.model)
+    if cfg.gradient_checkpointing:
+        scorer.model.activation_checkpointing_disable()
     scorer.model.eval()
     accelerator.free_memory()
     log.info("reward training done: %d steps, best validation %.4f at step %d", steps_run, best.accuracy, best.step)
     return TrainResult(best.accuracy, steps_run, history, best.step)
+
+
+def _same_weights_everywhere(model: torch.nn.Module) -> None:
+    """Every process starts from process 0's weights (what DDP's constructor does): a backbone pretrained on
+    each process, or loaded from a folder, must not differ by a nondeterministic kernel."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Step metrics averaged over the processes' equal shares: the global batch's (NaN if any share's is)."""
+    keys = sorted(metrics)
+    local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist(), strict=True))
 
 
 def _evaluate_and_check(
@@ -240,7 +296,7 @@ def _evaluate_and_check(
     bar: Any,
 ) -> bool:
     """Validate, record, keep the weights if better; True when patience is exhausted."""
-    accuracy, loss = validate(scorer, val_tensors)
+    accuracy, loss = validate(scorer, val_tensors, across_processes=True)
     best.update(scorer.model, accuracy, loss, step)
     for key, value in (("eval_step", float(step)), ("val_accuracy", accuracy), ("val_loss", loss)):
         history.setdefault(key, []).append(value)
