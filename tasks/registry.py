@@ -112,9 +112,9 @@ def validation_markdown(report: dict[str, Any]) -> str:
 
 
 def eval_key_figures(reports_dir: str) -> dict[str, Any]:
-    """The flow summary's numbers from ``eval.json``: primary metric per model and each win rate on it."""
+    """The flow summary's numbers from ``eval.json``: the deciding judge's mean per model and each win rate on it."""
     report = json.loads((Path(reports_dir) / "eval.json").read_text())
-    metric = report["metric_primary"]
+    metric = report["judge"]
     return {
         "metric": metric,
         "means": {name: values.get(f"{metric}_mean") for name, values in report["models"].items()},

@@ -350,7 +350,7 @@ def promote(
 ) -> dict[str, Any]:
     """Move ``champion`` to the best qualifying candidate if it beats the current champion.
 
-    Candidates are ranked by ``eval_report["models"][method]["<metric_primary>_mean"]``. With
+    Candidates are ranked by ``eval_report["models"][method]["<judge>_mean"]`` (``judge``: the deciding judge). With
     ``registry.require_beats_base`` only those whose win rate against the base has ``ci_low > 0.5``
     qualify. The alias moves only when the best one is strictly better than the champion's recorded
     ``metric.<metric>_mean`` tag (or there is no champion); the replaced champion is first written into
@@ -363,7 +363,7 @@ def promote(
     """
     client = _client(cfg)
     name, alias = cfg.registry.policy_name, cfg.registry.champion_alias
-    metric = eval_report["metric_primary"]
+    metric = eval_report["judge"]
     rows = _rank(cfg, candidates, eval_report, metric)
     qualifying = [r for r in rows if r["qualifies"]]
     champion = _current(client, name, alias)

@@ -31,7 +31,7 @@ UPSTREAM = {
     "evaluate": ["train_dpo", "train_dro", "train_reward"],
 }
 EVAL = {
-    "metric_primary": "oracle",
+    "judge": "oracle",
     "models": {
         "base": {
             "oracle_mean": 0.50,

@@ -1,5 +1,6 @@
-"""The evaluation report without a model: grid prompt choice, early config errors, the accuracy payload and the
-figures, from synthetic renderings standing in for generated images."""
+"""The evaluation report without a diffusion model: grid prompt choice, early config errors, the judges' payload,
+the accuracy payload and the figures, from synthetic renderings standing in for generated images and scored by
+real (tiny) judges."""
 
 import json
 
@@ -10,7 +11,9 @@ from prefalign.config import PipelineConfig
 from prefalign.data.prepare import assign_split
 from prefalign.evaluation import report
 from prefalign.evaluation.report import check_grid, grid_prompts, summarize
+from prefalign.models.reward_model import RewardScorer, build_tiny_reward_model
 from prefalign.models.sampling import eval_grid
+from prefalign.models.text import build_tokenizer
 from prefalign.seeding import numpy_rng
 from prefalign.world.attributes import ATTRIBUTES, attribute_correctness
 from prefalign.world.grammar import all_attributes, corrupt, parse_prompt, prompt_of
@@ -31,6 +34,23 @@ class RecordingTracker:
 
     def log_artifact(self, path, artifact_path=None):
         self.artifacts.append(path)
+
+
+def _save_tiny_clip(folder, seed):
+    """A tiny random CLIPModel folder (weights, tokenizer, preprocessor): a reward model, or a clip_score judge."""
+    words = sorted({w for p in ALL_PROMPTS for w in p.split()})
+    tokenizer = build_tokenizer(words, max_length=32)
+    model = build_tiny_reward_model(tokenizer, embed_dim=16, width=32, vision_layers=1, seed=seed)
+    return RewardScorer(model, tokenizer).save(folder)
+
+
+@pytest.fixture(scope="module")
+def judged_root(tmp_path_factory):
+    """A repo root with a reward model (models/reward) and a second CLIP folder for an independent judge."""
+    root = tmp_path_factory.mktemp("judged")
+    _save_tiny_clip(root / "models/reward", seed=0)
+    _save_tiny_clip(root / "weights/clip", seed=1)
+    return root
 
 
 def _synthetic_eval(prompts, images_per_prompt, wrong_rates=(0.7, 0.4, 0.4)):
@@ -85,9 +105,27 @@ def test_grid_errors_come_before_any_generation(monkeypatch, tmp_path, overrides
         raise AssertionError("generated images before checking the grid config")
 
     monkeypatch.setattr(report, "test_prompts", lambda cfg: TEST_PROMPTS[:4])
-    monkeypatch.setattr(report, "score_models", no_generation)
+    monkeypatch.setattr(report, "generate_images", no_generation)
     with pytest.raises(ValueError, match=key):
         report.evaluate_policies(PipelineConfig(eval=overrides), tmp_path, RecordingTracker())
+
+
+@pytest.mark.parametrize(
+    ("judges", "message"),
+    [
+        ({"pick": {"kind": "pickscore", "path": "weights/none"}}, r"judge 'pick' \(pickscore\) folder .*weights/none"),
+        ({"hps": {"kind": "hpsv2", "path": "models"}}, r"judge 'hps' \(hpsv2\) folder .*models': no config\.json"),
+    ],
+)
+def test_judge_errors_come_before_any_generation(monkeypatch, tmp_path, judged_root, judges, message):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated images before loading the judges")
+
+    monkeypatch.setattr(report, "test_prompts", lambda cfg: TEST_PROMPTS[:16])
+    monkeypatch.setattr(report, "generate_images", no_generation)
+    cfg = PipelineConfig(paths={"root": str(judged_root)}, eval={"judges": judges})
+    with pytest.raises(ValueError, match=message):
+        report.evaluate_policies(cfg, tmp_path, RecordingTracker())
 
 
 # ------------------------------------------------------------------------------------------ payload
@@ -130,6 +168,22 @@ def test_identical_models_have_zero_accuracy_delta():
     assert out["models"]["dpo"]["accuracy"] == out["models"]["base"]["accuracy"]
 
 
+def test_another_judge_changes_no_other_judges_numbers():
+    """A judge added to the evaluation adds its keys; every number of the others stays bit-identical."""
+    prompts = TEST_PROMPTS[:8]
+    _, prompt_ids, _, scores = _synthetic_eval(prompts, 3)
+    rng = np.random.default_rng(7)
+    more = {m: {**s, "clip": rng.uniform(0, 40, len(prompt_ids))} for m, s in scores.items()}
+    before = summarize(scores, prompt_ids, n_boot=100, seed=0)
+    after = summarize(more, prompt_ids, n_boot=100, seed=0)
+    for name in MODELS:
+        assert {k: v for k, v in after["models"][name].items() if not k.startswith("clip_")} == before["models"][name]
+        assert set(after["models"][name]) - set(before["models"][name]) == {"clip_mean", "clip_ci_low", "clip_ci_high"}
+    for key, result in after["win_rates"].items():
+        assert {k: v for k, v in result.items() if k != "clip"} == before["win_rates"][key]
+        assert 0 <= result["clip"]["ci_low"] <= result["clip"]["rate"] <= result["clip"]["ci_high"] <= 1
+
+
 def test_summarize_without_correctness_has_no_accuracy():
     prompts = TEST_PROMPTS[:4]
     _, prompt_ids, _, scores = _synthetic_eval(prompts, 2)
@@ -148,21 +202,47 @@ def test_wrong_marks():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_evaluate_policies_on_synthetic_images(monkeypatch, tmp_path):
+@pytest.mark.parametrize("deciding", ["oracle", "clip"])
+def test_evaluate_policies_on_synthetic_images(monkeypatch, tmp_path, judged_root, deciding):
     prompts = TEST_PROMPTS[:16]
-    cfg = PipelineConfig(eval={"images_per_prompt": 3, "bootstrap": 100, "grid_prompts": 6, "grid_seeds": 2})
-    _, prompt_ids, images, scores = _synthetic_eval(prompts, 3)
+    cfg = PipelineConfig(
+        paths={"root": str(judged_root)},
+        eval={
+            "images_per_prompt": 3,
+            "bootstrap": 100,
+            "grid_prompts": 6,
+            "grid_seeds": 2,
+            "judge": deciding,
+            "judges": {"clip": {"kind": "clip_score", "path": "weights/clip"}},
+        },
+    )
+    flat, prompt_ids, images, _ = _synthetic_eval(prompts, 3)
     monkeypatch.setattr(report, "test_prompts", lambda cfg: prompts)
-    monkeypatch.setattr(report, "score_models", lambda cfg, p: (scores, prompt_ids, images))
+    monkeypatch.setattr(report, "generate_images", lambda cfg, p: (flat, prompt_ids, images))
     tracker = RecordingTracker()
     out = report.evaluate_policies(cfg, tmp_path, tracker)
-    for key in ("metric_primary", "models", "win_rates", "n_prompts", "images_per_prompt", "seeds", "accuracy_delta"):
+    for key in ("judge", "judges", "models", "win_rates", "n_prompts", "images_per_prompt", "seeds", "accuracy_delta"):
         assert key in out
-    assert set(out["models"]["dro"]["accuracy"]) == set(ATTRIBUTES)
+    assert out["judge"] == deciding and "metric_primary" not in out
+    assert out["judges"] == {
+        "reward": {"kind": "reward", "path": "models/reward"},
+        "oracle": {"kind": "oracle"},
+        "clip": {"kind": "clip_score", "path": "weights/clip"},
+    }
+    reward = RewardScorer.load(judged_root / "models/reward")
     for name in MODELS:
+        values = out["models"][name]
+        assert values["oracle_mean"] == pytest.approx(oracle_scores(flat, images[name]).mean(), abs=1e-12)
+        assert values["reward_mean"] == pytest.approx(reward.score(flat, images[name]).mean(), abs=1e-6)
+        assert 0 <= values["clip_ci_low"] <= values["clip_mean"] <= values["clip_ci_high"] <= 100
+        assert set(out["models"][name]["accuracy"]) == set(ATTRIBUTES)
         for attr in ATTRIBUTES:
-            assert tracker.metrics[f"eval/{name}_acc_{attr}"] == out["models"][name]["accuracy"][attr]["mean"]
-        assert f"eval/{name}_oracle_mean" in tracker.metrics
+            assert tracker.metrics[f"eval/{name}_acc_{attr}"] == values["accuracy"][attr]["mean"]
+        for judge in ("oracle", "reward", "clip"):
+            assert tracker.metrics[f"eval/{name}_{judge}_mean"] == values[f"{judge}_mean"]
+    for key in ("dpo_vs_base", "dro_vs_base", "dro_vs_dpo"):
+        assert set(out["win_rates"][key]) == {"reward", "oracle", "clip"}
+        assert tracker.metrics[f"eval/{key}_clip_rate"] == out["win_rates"][key]["clip"]["rate"]
     assert all(np.isscalar(v) for v in tracker.metrics.values())
     for name in ("samples.png", "win_rates.png", "accuracy.png"):
         assert (tmp_path / name) in tracker.artifacts and (tmp_path / name).stat().st_size > 3000

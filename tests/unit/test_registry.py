@@ -61,7 +61,7 @@ def base_dir(root):
 def _report(**scores) -> dict:
     """eval.json with ``method=(oracle_mean, ci_low vs base)``."""
     return {
-        "metric_primary": "oracle",
+        "judge": "oracle",
         "models": {m: {"oracle_mean": s, "reward_mean": 0.0} for m, (s, _) in scores.items()},
         "win_rates": {
             f"{m}_vs_base": {"oracle": {"rate": lo + 0.05, "ci_low": lo, "ci_high": lo + 0.1}}

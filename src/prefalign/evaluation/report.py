@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from prefalign.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from prefalign.evaluation.judges import Judge
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +46,65 @@ def policy_dirs(cfg: PipelineConfig) -> dict[str, Path | None]:
     return {"base": None, "dpo": cfg.paths.resolve("dpo"), "dro": cfg.paths.resolve("dro")}
 
 
-def score_models(cfg: PipelineConfig, prompts: list[str]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, dict]:
-    """Generate with every model on the same (prompt, seed) grid; oracle (demo) and reward scores."""
+def generate_images(cfg: PipelineConfig, prompts: list[str]) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Every model's images on the same (prompt, seed) grid.
+
+    Returns:
+        (the prompt of each image, its prompt index, model to uint8 (N, H, W, 3) images in ``eval_grid`` order).
+    """
     from prefalign.models.diffusion import load_policy_pipeline
-    from prefalign.models.reward_model import RewardScorer
     from prefalign.models.sampling import eval_grid, generate
 
     flat, seeds, prompt_ids = eval_grid(prompts, cfg.eval.images_per_prompt, cfg.seed)
-    scorer = RewardScorer.load(cfg.paths.resolve("reward"))
-    scores: dict[str, dict[str, np.ndarray]] = {}
+    device, dtype = sampling_device_and_dtype(cfg.trainer.mixed_precision)
     images: dict[str, np.ndarray] = {}
     for name, policy_dir in policy_dirs(cfg).items():
-        pipe = load_policy_pipeline(cfg.base_model_dir(), policy_dir)
+        # The judges score raw samples: a safety checker's black images would score as the model's own.
+        pipe = load_policy_pipeline(cfg.base_model_dir(), policy_dir, keep_safety_checker=False)
         images[name] = generate(
-            pipe,
+            pipe.to(device, dtype),
             flat,
             seeds,
             steps=cfg.eval.sample_steps,
             guidance=cfg.eval.guidance,
             resolution=cfg.model.resolution,
+            batch_size=cfg.eval.batch_size,
             desc=f"evaluate {name}",
         )
-        scores[name] = {"reward": scorer.score(flat, images[name])}
-        if cfg.model.preset == "demo":
-            from prefalign.world.oracle import oracle_scores
+        del pipe
+    return flat, prompt_ids, images
 
-            scores[name]["oracle"] = oracle_scores(flat, images[name])
-    return scores, prompt_ids, images
+
+def sampling_device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype]:
+    """The GPU in the trainers' half precision when there is one; the CPU in float32 (the demo's numbers).
+
+    Seeds stay on CPU generators (``generate``), so an image's initial noise is the same on either device.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return torch.device("cuda"), dtype
+
+
+def score_models(
+    judges: Sequence[Judge], prompts: Sequence[str], images: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every model's images scored by every judge: model to judge name to one score per image.
+
+    Each judge moves to the GPU (when there is one) for its turn only, so the judges never share its memory.
+    """
+    from prefalign.evaluation.judges import judge_device
+
+    device = judge_device()
+    scores: dict[str, dict[str, np.ndarray]] = {name: {} for name in images}
+    for judge in judges:
+        judge.to(device)
+        try:
+            for name, batch in images.items():
+                scores[name][judge.name] = judge.score(prompts, batch)
+        finally:
+            judge.to("cpu")
+    return scores
 
 
 def sample_accuracy(
@@ -153,8 +189,8 @@ def summarize(
     """The numbers of ``reports/eval.json`` from per-image scores (and correctness), no images needed.
 
     Args:
-        scores: Model to metric ("oracle", "reward") to one score per image; images are paired across models
-            on (prompt, seed).
+        scores: Model to judge name ("oracle", "reward", each of ``eval.judges``) to one score per image; images
+            are paired across models on (prompt, seed).
         prompt_ids: Prompt of each image; the intervals resample prompts.
         n_boot: Bootstrap resamples.
         seed: Seed of the resampling (the same for every metric).
@@ -162,7 +198,9 @@ def summarize(
             (:func:`prefalign.world.attributes.attribute_correctness`).
 
     Returns:
-        {"models", "win_rates"}, and with ``correctness`` also each model's ``accuracy``
+        {"models": {model: {"<judge>_mean", "<judge>_ci_low", "<judge>_ci_high", ...}},
+        "win_rates": {"<a>_vs_<b>": {judge: {"rate", "ci_low", "ci_high", "n"}}}}, and with ``correctness`` also
+        each model's ``accuracy``
         ({attribute: {"mean", "ci_low", "ci_high"}}) and ``accuracy_delta``
         ({"dpo_vs_base": {attribute: {"mean", "ci_low", "ci_high"}}, ...}: candidate minus base, per image).
     """
@@ -219,18 +257,20 @@ def sample_grid(
     images_per_prompt: int,
     seeds: int,
     path: Path,
+    judge: str,
 ) -> Path:
     """``samples.png``: the chosen prompts' first ``seeds`` evaluation images of every model, side by side.
 
     Args:
         images: Model to uint8 (N, H, W, 3) evaluation images, prompt-major (``eval_grid`` order).
-        scores: Model to metric to per-image scores; captions show the oracle score, else the reward.
+        scores: Model to judge to per-image scores; captions show the deciding judge's.
         correctness: Model to attribute to per-image readings (demo world), for the wrong-attribute marks.
         prompts: The evaluated prompts, in evaluation order.
         chosen: The grid's prompts (:func:`grid_prompts`).
         images_per_prompt: Evaluation images per prompt.
         seeds: Images shown per prompt and model.
         path: Output PNG.
+        judge: The deciding judge (``eval.judge``), whose score captions each image.
 
     Returns:
         The written path.
@@ -238,7 +278,7 @@ def sample_grid(
     from prefalign.evaluation.figures import comparison_grid
 
     names = list(images)
-    metric = "oracle" if "oracle" in scores[names[0]] else "reward"
+    metric = judge
     index = np.array([[prompts.index(p) * images_per_prompt + s for s in range(seeds)] for p in chosen])
     tiles = np.stack([images[m][index] for m in names], axis=2)  # (prompts, seeds, models, H, W, 3)
     captions = [[[f"{scores[m][metric][i]:.2f}" for m in names] for i in row] for row in index]
@@ -256,39 +296,44 @@ def sample_grid(
     return comparison_grid(tiles, list(chosen), names, path, captions=captions, marks=marks, title=title)
 
 
-def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]:
+def evaluate_policies(
+    cfg: PipelineConfig, out: Path, tracker, *, judges: Sequence[Judge] | None = None
+) -> dict[str, Any]:
     """Write figures into ``out`` and return the ``reports/eval.json`` payload (docs/design.md, "Reports").
 
     Args:
         cfg: The pipeline config.
         out: Folder of the figures (``reports/eval``).
         tracker: Where metrics and figures are logged.
+        judges: The loaded judges (:func:`prefalign.evaluation.judges.load_judges`); None loads them here, after
+            the grid check and before any image is generated.
 
     Returns:
-        The payload; on the demo world each model also has ``accuracy`` and the payload ``accuracy_delta``.
+        The payload: ``judge`` (the deciding judge), ``judges`` (each judge's kind and folder), per model
+        ``<judge>_mean`` with its interval for every judge, per comparison the win rate on every judge; on the
+        demo world each model also has ``accuracy`` and the payload ``accuracy_delta``.
 
     Raises:
-        ValueError: If ``eval.grid_prompts`` or ``eval.grid_seeds`` ask for more than is evaluated (before
-            any image is generated).
+        ValueError: If ``eval.grid_prompts`` or ``eval.grid_seeds`` ask for more than is evaluated, ``eval.judge``
+            cannot decide on this preset, or a judge's folder is in the wrong format (before any image is generated).
     """
     from prefalign.evaluation.figures import accuracy_grouped_bars, win_rate_bars
-    from prefalign.models.sampling import eval_grid
+    from prefalign.evaluation.judges import judge_descriptions, load_judges
 
     prompts = test_prompts(cfg)
     chosen = check_grid(cfg, prompts)
-    scores, prompt_ids, images = score_models(cfg, prompts)
+    judges = load_judges(cfg) if judges is None else judges
+    flat, prompt_ids, images = generate_images(cfg, prompts)
+    scores = score_models(judges, flat, images)
     correctness = None
     if cfg.model.preset == "demo":
         from prefalign.world.attributes import attribute_correctness
 
-        flat = eval_grid(prompts, cfg.eval.images_per_prompt, cfg.seed)[0]
         correctness = {
             name: attribute_correctness(flat, batch, image_size=cfg.model.resolution) for name, batch in images.items()
         }
     summary = summarize(scores, prompt_ids, n_boot=cfg.eval.bootstrap, seed=cfg.seed, correctness=correctness)
     models, win_rates = summary["models"], summary["win_rates"]
-    metrics = list(scores["base"])
-    primary = cfg.eval.metric_primary if cfg.eval.metric_primary in metrics else "reward"
     for name, values in models.items():
         tracker.log_metrics({f"eval/{name}_{k}": v for k, v in values.items() if k != "accuracy"})
         tracker.log_metrics({f"eval/{name}_acc_{a}": r["mean"] for a, r in values.get("accuracy", {}).items()})
@@ -304,6 +349,7 @@ def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]
             images_per_prompt=cfg.eval.images_per_prompt,
             seeds=cfg.eval.grid_seeds,
             path=out / "samples.png",
+            judge=cfg.eval.judge,
         ),
         win_rate_bars(
             {f"{k} ({m})": r for k, v in win_rates.items() for m, r in v.items()},
@@ -323,15 +369,16 @@ def evaluate_policies(cfg: PipelineConfig, out: Path, tracker) -> dict[str, Any]
     for path in figures:
         tracker.log_artifact(path, "figures")
     report = {
-        "metric_primary": primary,
+        "judge": cfg.eval.judge,
         "models": models,
         "win_rates": win_rates,
         "n_prompts": len(prompts),
         "images_per_prompt": cfg.eval.images_per_prompt,
         "seeds": f"image_seed(seed={cfg.seed}, prompt, i) for i < {cfg.eval.images_per_prompt}",
         "sampler": {"scheduler": "dpmsolver++", "steps": cfg.eval.sample_steps, "guidance": cfg.eval.guidance},
+        "judges": judge_descriptions(cfg),
         "notes": "The reward model selected DRO's expert demonstrations, so its score is not an independent judge "
-        "of DRO; on the demo world the oracle is.",
+        "of DRO; the oracle (demo world) and the judges of eval.judges are.",
     }
     if "accuracy_delta" in summary:
         report["accuracy_delta"] = summary["accuracy_delta"]
