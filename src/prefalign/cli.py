@@ -48,6 +48,25 @@ def stage(name: str, params: ParamsOpt = Path("params.yaml"), overrides: SetOpt 
 
 
 @app.command()
+def init(
+    profile: Annotated[str, typer.Option("--profile", help="demo (the demo world) or sd15 (SD1.5, Pick-a-Pic).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the params file.")] = Path("params.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a full, commented params.yaml for a profile (each value it sets names its source)."""
+    from prefalign.profiles import ProfileError, get_profile, write_profile
+
+    try:
+        path = write_profile(profile, out, force=force)
+    except ProfileError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path} (profile {profile})")
+    for key, what in get_profile(profile).placeholders.items():
+        typer.echo(f"  set {key}: {what}")
+
+
+@app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
     mode: Annotated[str, typer.Option(help="dvc: each stage through `dvc repro`; direct: in-process.")] = "dvc",
@@ -144,6 +163,47 @@ def data_import(
             err=True,
         )
     raise typer.Exit(summary.exit_code)
+
+
+judge_app = typer.Typer(no_args_is_help=True, help="Independent judges: published checkpoints to local folders.")
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.command("convert-hps")
+def judge_convert_hps(
+    checkpoint: Annotated[Path, typer.Argument(help="HPS_v2_compressed.pt or HPS_v2.1_compressed.pt.")],
+    out_dir: Annotated[Path, typer.Argument(help="The judge folder to write (CLIPModel, safetensors).")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="A CLIP-H tokenizer folder (copied).")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="JSON merged into ViT-H-14's CLIPConfig sections.")
+    ] = None,
+) -> None:
+    """HPS v2 open_clip ViT-H-14 state dict -> a CLIPModel folder for eval.judges (kind hpsv2)."""
+    from prefalign.evaluation.judge_convert import convert_hps
+
+    try:
+        overrides = json.loads(config.read_text()) if config else None
+        convert_hps(checkpoint, out_dir, tokenizer_dir=tokenizer, config_overrides=overrides)
+    except (ValueError, OSError) as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {out_dir}")
+
+
+@judge_app.command("convert-aesthetic")
+def judge_convert_aesthetic(
+    source: Annotated[Path, typer.Argument(help="sac+logos+ava1-l14-linearMSE.pth (or a .safetensors of it).")],
+    out_dir: Annotated[Path, typer.Argument(help="The judge folder; add its CLIP ViT-L/14 folder as clip/.")],
+) -> None:
+    """LAION aesthetic predictor v2 MLP -> aesthetic_mlp.safetensors for eval.judges (kind aesthetic)."""
+    from prefalign.evaluation.judge_convert import convert_aesthetic
+
+    try:
+        written = convert_aesthetic(source, out_dir)
+    except (ValueError, OSError) as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {written}; the judge also needs {out_dir / 'clip'} (a CLIP ViT-L/14 folder) or a clip_path")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,8 @@ PolicyOptimizer = Literal["adamw", "adafactor"]
 RewardLoss = Literal["bt", "pl", "mixed"]
 RewardSelection = Literal["loss", "accuracy"]
 PolicyMethod = Literal["dpo", "dro"]
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -148,10 +151,25 @@ class Validation(Section):
 
 
 class Featurize(Section):
-    """Cached VAE latents and text embeddings."""
+    """Cached VAE latents and text embeddings, in shards that training reads memory-mapped.
+
+    There is no horizontal-flip option: the demo's prompts name left and right, so a flipped image
+    answers a different prompt, and the DPO/DRO trainers never read flipped latents. A keyed flip
+    would need a flipped twin of every latent and a trainer that picks one per sample; neither is built.
+    """
 
     batch_size: PositiveInt = Field(256, description="Images per VAE forward.")
-    flip: bool = Field(False, description="Also cache horizontally flipped latents (invalid on the demo world).")
+    num_workers: NonNegativeInt = Field(
+        0,
+        description="DataLoader processes that decode and resize images (0: in the main process, enough for "
+        "the demo's 16 px PNGs; 512-1024 px JPEGs want several per GPU).",
+    )
+    shard_size: PositiveInt = Field(4096, description="Images per latents-NNNNN.safetensors shard.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="VAE, text encoder and cache dtype. auto: bfloat16 on CUDA, float32 elsewhere (the CPU "
+        "demo stays bit-identical).",
+    )
 
 
 class ModelConfig(Section):
@@ -159,28 +177,84 @@ class ModelConfig(Section):
 
     preset: Literal["demo", "sd15", "sd15-random"] = Field("demo", description="Model family.")
     pretrained_path: str | None = Field(
-        None, description="Local SD1.x diffusers folder for sd15, used in place (never a hub id)."
+        None,
+        description="Local SD1.x diffusers folder for sd15, relative to the params file, used in place (never a "
+        "hub id).",
     )
     resolution: PositiveInt = Field(
         16,
-        description="Training/sampling resolution in pixels. demo: world.image_size (leave it out); "
-        "sd15: required (e.g. 512).",
+        description="Training/sampling resolution in pixels, a multiple of the VAE's downsampling factor. "
+        "demo: world.image_size (leave it out); sd15: required, the base's trained size (512 for SD1.5).",
+    )
+    allow_resolution_mismatch: bool = Field(
+        False,
+        description="Allow a model.resolution other than the base folder's trained size (UNet sample_size x VAE "
+        "factor); off, the mismatch fails before any GPU work.",
     )
     unet_channels: tuple[PositiveInt, ...] = Field((64, 128, 128), description="Demo UNet block widths.")
     vae_channels: tuple[PositiveInt, ...] = Field((32, 64), description="Demo VAE block widths.")
     text_hidden: PositiveInt = Field(64, description="Demo CLIP text encoder width.")
     text_layers: PositiveInt = Field(2, description="Demo CLIP text encoder layers.")
 
+    def vae_downsampling(self) -> int:
+        """Pixels per latent cell along a side, as far as the config knows it.
+
+        demo: ``2 ** (len(vae_channels) - 1)``, the VAE ``pretrain_base`` builds. sd15 / sd15-random: 8, the
+        factor of every SD1.x/2.x VAE; ``models.diffusion.check_base_resolution`` checks a folder's own.
+        """
+        if self.preset == "demo":
+            return 2 ** (len(self.vae_channels) - 1)
+        return SD_VAE_DOWNSAMPLING
+
+
+# Four VAE levels, three of which halve the side: SD1.x/2.x encode 512 px into 64x64 latents.
+SD_VAE_DOWNSAMPLING = 8
+
+
+def _cuda_available() -> bool:
+    # Imported here: the config module stays importable without loading torch.
+    import torch
+
+    return torch.cuda.is_available()
+
 
 class RewardConfig(Section):
-    """Reward model: CLIP-style dual encoder, score = scale * cos(text, image)."""
+    """Reward model: CLIP-style dual encoder, score = scale * cos(text, image).
+
+    ``lr`` 2e-4 suits the demo's tiny backbone after its CLIP pretraining. Fine-tunes of a pretrained CLIP
+    take one to two orders of magnitude less, about 1e-6 to 1e-5: PickScore 3e-6 (CLIP-H, 4000 steps of 128
+    pairs, 500 warmup; 1e-6 in its repository's config), HPS v2 3.3e-6, ImageReward 1e-5 (70% frozen). A
+    profile (``prefalign init --profile``) sets it with ``mixed_precision`` and ``gradient_checkpointing``.
+    """
 
     backbone: str = Field("tiny", description="'tiny' (built from config) or a local CLIP folder.")
     loss: RewardLoss = Field("bt", description="bt on pairs, pl on rankings, or mixed.")
     keep_ties: bool = Field(True, description="Use ties with the soft-label BT loss.")
     steps: PositiveInt = Field(1500, description="Optimizer steps.")
-    lr: PositiveFloat = Field(2e-4, description="Learning rate (after CLIP pretraining of the tiny backbone).")
-    batch_size: PositiveInt = Field(128, description="Pairs per step.")
+    lr: PositiveFloat = Field(
+        2e-4,
+        description="Learning rate: 2e-4 for the tiny backbone after its CLIP pretraining; about 1e-6 to 1e-5 to "
+        "fine-tune a pretrained CLIP (PickScore 3e-6).",
+    )
+    batch_size: PositiveInt = Field(128, description="Pairs per step and process (accelerate launch: x processes).")
+    mixed_precision: MixedPrecision = Field(
+        "no",
+        description="Autocast of the reward model's forwards on CUDA: no | bf16 | fp16 (training, validation, "
+        "expert selection); CPU always runs in fp32.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the CLIP towers' layer activations in the backward (less memory, more compute)."
+    )
+    preload_max_bytes: NonNegativeInt = Field(
+        2 * 1024**3,
+        description="A split whose decoded images (uint8 at the backbone's size) take fewer bytes is decoded "
+        "once onto the device; a larger one is decoded batch by batch (0: always on demand).",
+    )
+    num_workers: NonNegativeInt = Field(
+        0,
+        description="DataLoader processes decoding images on demand (0: in the training process, enough for "
+        "small images; several per GPU for 512 px JPEGs).",
+    )
     embed_dim: PositiveInt = Field(64, description="Tiny backbone projection width.")
     tiny_width: PositiveInt = Field(128, description="Tiny backbone: hidden width of both towers.")
     tiny_vision_layers: PositiveInt = Field(4, description="Tiny backbone: vision transformer layers.")
@@ -240,6 +314,11 @@ class TrainerConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward (less memory).")
     checkpoint_every: NonNegativeInt = Field(
         50, description="Save a resumable checkpoint every N optimizer steps under paths.checkpoints (0: never)."
+    )
+    compile: bool = Field(
+        True,
+        description="torch.compile the UNet on CUDA (policy and reference pass share it). Never on CPU: compiling "
+        "takes longer than the demo's whole training and needs a C++ toolchain.",
     )
 
 
@@ -332,6 +411,31 @@ class KTOConfig(PolicyTrainerConfig):
     )
 
 
+JudgeKind = Literal["clip_score", "pickscore", "hpsv2", "aesthetic"]
+# Judges every evaluation has without configuring them: the demo world's oracle and the pipeline's reward model.
+BUILTIN_JUDGES = ("oracle", "reward")
+JUDGE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+class JudgeConfig(Section):
+    """One independent judge of ``eval.judges``: a frozen published scorer loaded from a local folder."""
+
+    kind: JudgeKind = Field(
+        description="clip_score (a CLIPModel folder), pickscore (PickScore_v1, a CLIPModel folder), hpsv2 (a folder "
+        "written by `prefalign judge convert-hps`) or aesthetic (a folder holding aesthetic_mlp.safetensors)."
+    )
+    path: str = Field(description="The judge's folder, relative to the params file's folder (never a hub id).")
+    clip_path: str | None = Field(
+        None, description="aesthetic only: its CLIP ViT-L/14 folder, relative to the params file; null: <path>/clip."
+    )
+
+    @model_validator(mode="after")
+    def _clip_path_is_for_aesthetic(self) -> JudgeConfig:
+        if self.clip_path is not None and self.kind != "aesthetic":
+            raise ValueError(f"clip_path is for kind 'aesthetic' only (this judge is {self.kind!r})")
+        return self
+
+
 class EvalConfig(Section):
     """Evaluation of candidates against base and champion on held-out prompts with fixed seeds."""
 
@@ -340,13 +444,43 @@ class EvalConfig(Section):
     sample_steps: PositiveInt = Field(20, description="Sampler steps.")
     guidance: NonNegativeFloat = Field(3.0, description="Classifier-free guidance scale.")
     bootstrap: PositiveInt = Field(2000, description="Bootstrap resamples of prompts for the 95% interval.")
-    metric_primary: Literal["oracle", "reward"] = Field("oracle", description="Metric that decides promotion.")
+    batch_size: PositiveInt = Field(
+        128, description="Images per sampler call (CFG doubles the UNet batch); lower it if a GPU runs out of memory."
+    )
+    judge: str = Field(
+        "oracle",
+        description="The judge whose scores decide promotion: oracle (demo world only), reward (the pipeline's own "
+        "reward model, which also chose DRO's experts), or a name of eval.judges.",
+    )
+    judges: dict[str, JudgeConfig] = Field(
+        default_factory=dict,
+        description="Independent judges by name (lower-case, digits, underscores); every one scores every model. "
+        "oracle and reward are built in.",
+    )
+    judge_batch_size: PositiveInt = Field(256, description="Images per forward pass of a judge.")
     grid_prompts: PositiveInt = Field(
         12, description="Held-out prompts shown in reports/eval/samples.png (at most the prompts evaluated)."
     )
     grid_seeds: PositiveInt = Field(
         2, description="Evaluation images per grid prompt shown per model (at most images_per_prompt)."
     )
+
+    @model_validator(mode="after")
+    def _judges_are_known(self) -> EvalConfig:
+        for name in self.judges:
+            if name in BUILTIN_JUDGES:
+                raise ValueError(f"eval.judges.{name}: {name!r} is a built-in judge; give this one another name")
+            if not (name[:1].isalpha() and set(name) <= JUDGE_NAME_CHARS):
+                raise ValueError(
+                    f"eval.judges.{name}: a judge name is lower-case letters, digits and underscores "
+                    "(it becomes report keys such as <name>_mean)"
+                )
+        if self.judge not in (*BUILTIN_JUDGES, *self.judges):
+            raise ValueError(
+                f"eval.judge is {self.judge!r}: neither a built-in judge (oracle, reward) nor a name of eval.judges "
+                f"({', '.join(self.judges) or 'none configured'})"
+            )
+        return self
 
 
 class RegistryConfig(Section):
@@ -441,6 +575,31 @@ class PipelineConfig(Section):
     def _model_matches_world(self) -> PipelineConfig:
         if self.model.preset == "sd15" and not self.model.pretrained_path:
             raise ValueError("model.pretrained_path (a local diffusers folder) is required for preset sd15")
+        return self
+
+    @model_validator(mode="after")
+    def _resolution_fits_the_vae(self) -> PipelineConfig:
+        """A side the VAE cannot divide would give latents that do not decode back to ``model.resolution``."""
+        factor = self.model.vae_downsampling()
+        if self.model.resolution % factor:
+            raise ValueError(
+                f"model.resolution ({self.model.resolution}) must be a multiple of the VAE's downsampling factor "
+                f"({factor}) for preset {self.model.preset}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _full_precision_on_a_gpu(self) -> PipelineConfig:
+        """Warn, not fail: fp32 on a GPU is legal but is rarely meant for a real model.
+
+        The demo is left out on purpose: it trains in float32 everywhere so that its numbers stay comparable.
+        """
+        if self.model.preset != "demo" and self.trainer.mixed_precision == "no" and _cuda_available():
+            log.warning(
+                "trainer.mixed_precision is 'no' while CUDA is available: preset %s will train in float32 "
+                "(slower, twice the activation memory); set trainer.mixed_precision: bf16",
+                self.model.preset,
+            )
         return self
 
     def base_model_dir(self) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -152,6 +152,12 @@ def check_pipeline_folder(folder: str | Path) -> Path:
     """
     path = Path(folder)
     index_file = path / "model_index.json"
+    if not path.is_dir():
+        # The sd15 profile writes a placeholder path: say which key to set, not only what is missing.
+        raise ValueError(
+            f"base model {str(path)!r}: no model_index.json, the folder does not exist; set model.pretrained_path "
+            "to your local SD1.x diffusers folder"
+        )
     if not index_file.is_file():
         raise ValueError(
             f"base model {str(path)!r}: no model_index.json, so it is not a local diffusers pipeline folder"
@@ -171,6 +177,73 @@ def check_pipeline_folder(folder: str | Path) -> Path:
     return path
 
 
+class BaseResolution(NamedTuple):
+    """What a base folder's configs say about image size."""
+
+    vae_factor: int  # pixels per latent cell along a side: 2 ** (len(vae block_out_channels) - 1)
+    trained: int  # the side the UNet was built for: unet sample_size x vae_factor
+
+
+def _component_config(folder: Path, component: str) -> dict[str, Any]:
+    path = folder / component / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"base model {str(folder)!r}: no {component}/config.json") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    if isinstance(config, dict):
+        return config
+    raise ValueError(f"{path}: not a JSON object")
+
+
+def base_resolution(folder: str | Path) -> BaseResolution:
+    """The VAE factor and trained image side of a diffusers SD folder, from its json configs alone (no weights).
+
+    Raises:
+        ValueError: a config file is missing or unreadable, or lacks ``block_out_channels`` / ``sample_size``
+            (named with the file).
+    """
+    folder = Path(folder)
+    vae, unet = _component_config(folder, "vae"), _component_config(folder, "unet")
+    blocks = vae.get("block_out_channels")
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError(f"{folder / 'vae/config.json'}: no block_out_channels list")
+    sample_size = unet.get("sample_size")
+    # A few configs store (height, width); a square one is the only kind the trainers take.
+    if isinstance(sample_size, list) and len(sample_size) == 2 and sample_size[0] == sample_size[1]:
+        sample_size = sample_size[0]
+    if not isinstance(sample_size, int) or sample_size <= 0:
+        raise ValueError(f"{folder / 'unet/config.json'}: sample_size {sample_size!r} is not one positive side")
+    factor = 2 ** (len(blocks) - 1)
+    return BaseResolution(vae_factor=factor, trained=sample_size * factor)
+
+
+def check_base_resolution(model: ModelConfig, folder: str | Path) -> BaseResolution:
+    """Fail before any GPU work unless ``model.resolution`` suits the base folder.
+
+    It must be a multiple of the folder's VAE factor, and equal its trained size unless
+    ``model.allow_resolution_mismatch`` (an SD1.5 base sampled at 256 px makes poor images, and a DPO
+    fine-tune at that size would align a model nobody serves).
+
+    Raises:
+        ValueError: names ``model.resolution``, its value and the folder's number it breaks.
+    """
+    found = base_resolution(folder)
+    if model.resolution % found.vae_factor:
+        raise ValueError(
+            f"model.resolution ({model.resolution}) must be a multiple of the VAE downsampling factor "
+            f"({found.vae_factor}) of base model {str(folder)!r}"
+        )
+    if model.resolution != found.trained and not model.allow_resolution_mismatch:
+        raise ValueError(
+            f"model.resolution ({model.resolution}) differs from the trained size ({found.trained} px: unet "
+            f"sample_size x VAE factor) of base model {str(folder)!r}; set model.resolution: {found.trained}, "
+            "or model.allow_resolution_mismatch: true to train at another size on purpose"
+        )
+    return found
+
+
 def folder_fingerprint(folder: Path) -> dict[str, object]:
     """sha256 of every file under ``folder`` (path and content), with the file count and total bytes.
 
@@ -186,30 +259,66 @@ def folder_fingerprint(folder: Path) -> dict[str, object]:
     }
 
 
-def load_base_pipeline(folder: Path, *, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a local diffusers folder; never a hub id (offline machines hang on those), never pickles."""
+SAFETY_COMPONENTS = ("safety_checker", "feature_extractor")
+
+
+def saved_safety_components(folder: Path) -> bool:
+    """True when the folder's model_index.json lists both a safety checker and its feature extractor.
+
+    A pipeline saved with ``safety_checker=None`` (the demo's) lists them as ``[null, null]``: not saved.
+
+    Raises:
+        ValueError: only one of the two is listed (the pipeline cannot run a checker without its extractor).
+    """
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    saved = [name for name in SAFETY_COMPONENTS if isinstance(index.get(name), list) and index[name][:1] != [None]]
+    if len(saved) == 1:
+        raise ValueError(
+            f"base model {str(folder)!r}: model_index.json lists {saved[0]} without "
+            f"{next(n for n in SAFETY_COMPONENTS if n not in saved)}; save both or neither"
+        )
+    return bool(saved)
+
+
+def load_base_pipeline(
+    folder: Path, *, dtype: torch.dtype = torch.float32, keep_safety_checker: bool = False
+) -> StableDiffusionPipeline:
+    """Load a local diffusers folder; never a hub id (offline machines hang on those), never pickles.
+
+    ``keep_safety_checker`` loads the folder's safety checker and feature extractor when it has them
+    (images for people); off, or for a folder saved without them (the demo's), the pipeline has none, which
+    is what training and featurizing want: the checker only filters decoded images.
+    """
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    keep = keep_safety_checker and saved_safety_components(folder)
+    # Left out, from_pretrained loads the folder's checker and its requires_safety_checker flag.
+    checker: dict[str, Any] = {} if keep else {"safety_checker": None, "requires_safety_checker": False}
     pipe = StableDiffusionPipeline.from_pretrained(
         str(folder),
         torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
         local_files_only=True,
         use_safetensors=True,
+        **checker,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def load_policy_pipeline(base_dir: Path, policy_dir: Path | None) -> StableDiffusionPipeline:
-    """The base pipeline with a policy applied: a diffusers LoRA file, a full ``unet/`` folder, or nothing."""
+def load_policy_pipeline(
+    base_dir: Path, policy_dir: Path | None, *, keep_safety_checker: bool = True
+) -> StableDiffusionPipeline:
+    """The base pipeline with a policy applied: a diffusers LoRA file, a full ``unet/`` folder, or nothing.
+
+    It generates images for people (serving, evaluation), so by default it keeps the base folder's safety
+    checker when the folder has one; ``keep_safety_checker=False`` when only the weights are wanted.
+    """
     from diffusers import UNet2DConditionModel
 
-    pipe = load_base_pipeline(base_dir)
+    pipe = load_base_pipeline(base_dir, keep_safety_checker=keep_safety_checker)
     if policy_dir is None:
         return pipe
     policy_dir = Path(policy_dir)
@@ -277,4 +386,4 @@ def load_base_unet(base_dir: Path) -> UNet2DConditionModel:
 
 def unet_with_policy(base_dir: Path, policy_dir: Path | None) -> UNet2DConditionModel:
     """A plain UNet with ``policy_dir`` (LoRA or full UNet) merged into its weights."""
-    return load_policy_pipeline(base_dir, policy_dir).unet
+    return load_policy_pipeline(base_dir, policy_dir, keep_safety_checker=False).unet

@@ -75,21 +75,27 @@ BASE_POINTER_FILE = "base_model.json"
 def _record_local_base(cfg: PipelineConfig) -> dict[str, Any]:
     """sd15: check ``model.pretrained_path`` and record its fingerprint in ``paths.base_model``, no copy.
 
+    The checks read json only (model_index.json, unet/ and vae/ configs): a wrong folder or a
+    ``model.resolution`` the base was not trained at fails here, before featurize or a trainer loads weights.
+
     The pointer is this stage's DVC output, so replacing the weights in the folder changes the fingerprint
     and reruns everything downstream; the MLflow run carries it as lineage.
     """
-    from prefalign.models.diffusion import check_pipeline_folder, folder_fingerprint
+    from prefalign.models.diffusion import check_base_resolution, check_pipeline_folder, folder_fingerprint
 
     folder = check_pipeline_folder(cfg.base_model_dir())
+    found = check_base_resolution(cfg.model, folder)
     out = fresh_dir(stage_out_dir("pretrain_base", cfg))
     with stage_run(cfg, "pretrain_base", out_dir=out) as tracker:
         pointer: dict[str, Any] = {"source": str(folder), **folder_fingerprint(folder)}
         write_json(out / BASE_POINTER_FILE, pointer)
         tracker.log_params({"base_model/source": pointer["source"], "base_model/sha256": pointer["sha256"]})
     log.info(
-        "pretrain_base: preset sd15 uses %s in place (sha256 %s, %d files)",
+        "pretrain_base: preset sd15 uses %s in place (sha256 %s, %d files; trained at %d px, training at %d px)",
         folder,
         pointer["sha256"][:12],
         pointer["files"],
+        found.trained,
+        cfg.model.resolution,
     )
     return pointer

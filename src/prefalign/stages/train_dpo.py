@@ -28,11 +28,12 @@ def run_train_dpo(cfg: PipelineConfig) -> dict[str, Any]:
     Resumes from ``<paths.checkpoints>/train_dpo`` when an interrupted run of the same config left one.
     """
     from prefalign.data.prepare import drop_ties
-    from prefalign.models.diffusion import load_base_unet, save_lora
+    from prefalign.models.diffusion import check_base_resolution, load_base_unet, save_lora
     from prefalign.training.features import load_features
     from prefalign.training.policy import train_dpo
 
     torch_setup(cfg)
+    check_base_resolution(cfg.model, cfg.base_model_dir())  # a json read: fails before any weights load
     with policy_stage_run(cfg, "train_dpo", [stage_path(cfg, "features"), stage_path(cfg, "base_model")]) as (
         out,
         tracker,

@@ -28,17 +28,18 @@ def run_train_dro(cfg: PipelineConfig) -> dict[str, Any]:
     ``dro.ema_decay`` > 0 the EMA of the adapter is what gets merged. Resumes from
     ``<paths.checkpoints>/train_dro`` when an interrupted run of the same config left one.
     """
-    from prefalign.models.diffusion import unet_with_policy
+    from prefalign.models.diffusion import check_base_resolution, unet_with_policy
     from prefalign.registry import reward_tags
     from prefalign.training.features import load_features
     from prefalign.training.policy import merge_and_strip_lora, train_dro
-    from prefalign.training.reward_stage import select_experts
+    from prefalign.training.reward_stage import shared_experts
 
     torch_setup(cfg)
+    check_base_resolution(cfg.model, cfg.base_model_dir())  # a json read: fails before any weights load
     init_dir = stage_path(cfg, "dpo") if cfg.dro.init_from == "dpo" else None
     upstream = [stage_path(cfg, "features"), stage_path(cfg, "reward")] + ([init_dir] if init_dir else [])
     with policy_stage_run(cfg, "train_dro", upstream) as (out, tracker):
-        experts = select_experts(cfg)  # deterministic: every rank selects the same experts
+        experts = shared_experts(cfg)  # scored on process 0 only, its choice broadcast to the others
         if is_main_process():
             tracker.set_tags(reward_tags(cfg, stage_path(cfg, "reward")))
             write_json(out / "experts.json", {"shas": experts.image.tolist(), "prompts": experts.prompt.tolist()})
