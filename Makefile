@@ -19,7 +19,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export AWS_EC2_METADATA_DISABLED ?= true
 
-.PHONY: install run lint test test-fast repro ui-mlflow ui-prefect clean-outputs
+.PHONY: install run lint test test-fast repro ui-mlflow ui-prefect clean-outputs gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,3 +53,13 @@ ui-prefect: install  ## Prefect UI on http://127.0.0.1:4200 (also runs schedules
 
 clean-outputs:  ## remove pipeline outputs (not the DVC cache or remote)
 	rm -rf data/world data/preferences data/features models/base models/reward models/dpo models/dro reports/*
+
+# What a lent GPU machine lacks (Python 3.12, its own torch/transformers/accelerate, no network): the wheels
+# benchmarks/gpu_check.sh installs there, at the versions of constraints.txt (benchmarks/GPU_CHECK.md).
+GPU_WHEELS := diffusers peft pydantic pydantic_core annotated-types typing-inspection importlib_metadata
+gpu-wheels:  ## download into .whl/ the wheels benchmarks/gpu_check.sh needs on a GPU machine
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $(foreach name,$(GPU_WHEELS),$(shell grep -i -m1 '^$(name)==' constraints.txt))
