@@ -3,10 +3,15 @@
 Same preset model, same batch, same dtype, same thread count; each structure runs in its own
 subprocess (this script re-invoked with ``--variant``) so that its peak memory is its own:
 
-* ``ours``: VAE latents and text embeddings computed once before training (not timed; the pipeline's
-  ``featurize`` stage caches them), one UNet with LoRA, winner and loser in one batched forward with
-  shared t and ε, reference errors from the same UNet with its adapters disabled, under ``no_grad``
-  (``prefalign.training.denoise.pair_denoising_errors``).
+* ``ours``: the pipeline's own training step, ``prefalign.training.policy.DPOStep`` on a run set up by
+  ``start_policy_run``, as ``train_dpo`` runs it (not a copy): VAE latents and text embeddings computed
+  once into a feature cache before training (not timed; the pipeline's ``featurize`` stage caches them),
+  one UNet with LoRA, winner and loser in one batched forward with shared t and ε, reference errors from
+  the same UNet with its adapters disabled, under ``no_grad``; keyed draws prepared on a worker thread,
+  metrics left on the device; on CUDA also the trainer's GPU switches (``trainer.compile``, fused AdamW,
+  bf16 frozen weights under ``--dtype bf16``, channels-last, TF32). Its (t, ε) are the trainer's keyed
+  draws, not the shared sequence of the other two (the cost of a step does not depend on their values),
+  and its AdamW is the trainer's (foreach-free on a CPU, where the trainer keeps torch's default).
 * ``diffusers_lora``: the structure of diffusers' Diffusion-DPO LoRA example
   (``examples/research_projects/diffusion_dpo``): the same UNet step, but both images go through the
   VAE encoder (in chunks of ``--vae_encode_batch_size`` = 8) and the prompt through the text encoder at
@@ -20,9 +25,12 @@ scripts clip) and AdamW (β 0.9/0.999, weight decay 1e-2). No variant uses gradi
 authors' SD1.5 launcher does not). Both LoRA variants use rank 8 on to_q, to_k, to_v and to_out.0.
 
 Time: ``sec_per_pair`` = seconds of ``--steps`` timed steps / (steps × batch), after ``--warmup``
-untimed ones. With ``--repeats R`` the variants run R rounds, round-robin, and the median round counts:
-on a CPU shared with other jobs the load drifts between subprocesses. On such a CPU also pass
-``--threads 1`` (see its help).
+untimed ones. ``first_step_seconds`` is the very first step (lazy initialisation, and for a compiled
+``ours`` the compilation), ``steady_step_seconds`` the median timed step, and ``compile_seconds`` their
+difference when ``ours`` was compiled (None otherwise): compile time is reported apart from the step time.
+With ``--repeats R`` the variants run R rounds, round-robin, and the median round counts: on a CPU shared
+with other jobs the load drifts between subprocesses. On such a CPU also pass ``--threads 1`` (see its
+help).
 
 Peak memory: on CPU the child's maximum RSS as the parent sees it (``os.wait4``'s rusage of that one
 child, i.e. ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` restricted to it), which includes the interpreter
@@ -30,10 +38,13 @@ and the libraries (~430 MB with diffusers, transformers and peft loaded); the ch
 imports and before any model is reported as ``baseline_rss_mb``, and ``peak_rss_above_baseline_mb`` is
 what the structure itself costs. On CUDA, ``torch.cuda.max_memory_allocated``.
 
-FLOPs: one warm-up step of each structure runs under ``torch.utils.flop_counter.FlopCounterMode``
+FLOPs: one extra step of each structure, after the timed ones, runs eagerly (a compiled ``ours`` with
+``torch.compiler.set_stance("force_eager")``) under ``torch.utils.flop_counter.FlopCounterMode``
 (matmuls, convolutions and attention; element-wise work is not counted), split into the per-step
 encoding and the UNet part. ``tflops_per_s`` is that count over the measured time; ``mfu`` divides by
-the GPU's dense bf16 peak where the GPU is in a small table, null elsewhere (and on CPU).
+the GPU's dense bf16 peak where the GPU is in a small table, null elsewhere (and on CPU). On the meta
+device (``--flops-only``) ``ours`` is counted on ``LoraStep`` with cached features, its structural twin (the
+trainer needs real tensors); the in-process test checks that the two count the same UNet FLOPs.
 
     python benchmarks/bench_align.py --preset sd-mini --steps 5 --batch 4 --json /tmp/bench_sdmini.json
     python benchmarks/bench_align.py --preset sd-mini --steps 5 --batch 4 --threads 1 --repeats 3   # busy CPU
@@ -160,6 +171,9 @@ class DPOStep:
     def __call__(self) -> Any:
         return self.denoise_and_update(*self.encode())
 
+    def close(self) -> None:
+        """Release what the step holds beyond memory (threads, the trainer's run); nothing by default."""
+
 
 def _adamw(params: list[Any]) -> Any:
     import torch
@@ -191,10 +205,10 @@ def _lora_unet(unet: Any) -> tuple[Any, list[Any]]:
 
 
 class LoraStep(DPOStep):
-    """Ours and the diffusers example: one UNet with LoRA, reference = adapters disabled.
+    """The diffusers example: one UNet with LoRA, reference = adapters disabled, encoders at every step.
 
-    Both share this UNet part (one batched forward of 2B with shared t and ε, the reference under
-    ``no_grad`` with adapters off); they differ only in where latents and embeddings come from.
+    With ``cache_features`` it is the structure of ``ours`` (latents and embeddings encoded once), which
+    ``--flops-only`` counts on the meta device where the pipeline's trainer cannot run.
     """
 
     def __init__(self, models: Any, pairs: PairBatch, *, cache_features: bool) -> None:
@@ -263,11 +277,88 @@ class FullUnetStep(DPOStep):
         return _finish_step(loss, self.trainable, self.optimizer)
 
 
-def build_step(variant: str, models: Any, pairs: PairBatch) -> DPOStep:
-    """The training step of ``variant`` on these models and pairs."""
+class PipelineStep(DPOStep):
+    """``ours``: the pipeline's own Diffusion-DPO step, ``prefalign.training.policy.DPOStep``.
+
+    The pairs are encoded once into a ``Features`` cache (float32, as the trainer reads it); the run is set
+    up by ``start_policy_run`` from a ``DPOConfig`` with the benchmark's LoRA, learning rate, β, clipping
+    and batch (no warmup, uniform t, no prompt dropout), so every trainer switch (accelerate, compile, fused
+    AdamW, bf16 frozen weights) is the pipeline's. Step s trains the trainer's global samples of step s.
+    """
+
+    def __init__(self, models: Any, pairs: PairBatch, *, mixed_precision: str, compile_unet: bool, steps: int) -> None:
+        import torch
+
+        from prefalign.config import DPOConfig, LoraConfig
+        from prefalign.training.features import Features
+        from prefalign.training.policy import DPOStep as TrainerStep
+        from prefalign.training.policy import PairData, start_policy_run
+
+        latents_w, latents_l, cond = encode_pairs(models.vae, models.text_encoder, pairs)
+        batch = latents_w.shape[0]
+        text = torch.cat([cond, torch.zeros_like(cond[:1])]).float().cpu()  # last row: the empty prompt
+        feats = Features(torch.cat([latents_w, latents_l]).float().cpu(), {}, text, {}, batch)
+        self.cfg = DPOConfig(
+            beta=BETA_DPO,
+            lr=LEARNING_RATE,
+            steps=steps,
+            batch_size=batch,
+            warmup_steps=0,
+            timestep_min=0,
+            prompt_dropout=0.0,
+            max_grad_norm=MAX_GRAD_NORM,
+            lora=LoraConfig(rank=LORA_RANK, alpha=float(LORA_RANK), targets=LORA_TARGETS),
+            mixed_precision=mixed_precision,
+            compile=compile_unet,
+            checkpoint_every=0,
+        )
+        self.run = start_policy_run(
+            models.unet, self.cfg, seed=0, purpose="dpo", data_sha="bench_align", checkpoint_dir=None
+        )
+        if self.run.device != pairs.device:
+            self.run.finish()
+            raise SystemExit(
+                f"ours runs where the pipeline's trainer puts it ({self.run.device}), not on {pairs.device}"
+            )
+        rows = torch.arange(batch)
+        self.trainer_step = TrainerStep(
+            self.run, PairData(feats, rows, rows + batch, rows), self.cfg, seed=0, steps=range(steps)
+        )
+        self.trainable = list(self.run.params.values())
+        self.steps_done = 0
+
+    def encode(self) -> tuple[Any, ...]:
+        return ()  # the feature cache was filled once, before training
+
+    def denoise_and_update(self) -> Any:
+        outcome = self.trainer_step(self.steps_done)
+        self.steps_done += 1
+        assert outcome.sums.total is not None
+        return outcome.sums.total[outcome.sums.keys.index("loss")]  # one micro-step: the sum is the loss
+
+    def close(self) -> None:
+        self.trainer_step.close()
+        self.run.finish()
+
+
+def build_step(
+    variant: str, models: Any, pairs: PairBatch, *, dtype: str = "fp32", compile_unet: bool = True, steps: int = 1
+) -> DPOStep:
+    """The training step of ``variant`` on these models and pairs.
+
+    Args:
+        dtype, compile_unet, steps: for ``ours``, the trainer's mixed precision (bf16 for ``bf16``), its
+            ``trainer.compile`` switch (CUDA only) and how many steps it will be asked for.
+    """
     match variant:
         case "ours":
-            return LoraStep(models, pairs, cache_features=True)
+            return PipelineStep(
+                models,
+                pairs,
+                mixed_precision="bf16" if dtype == "bf16" else "no",
+                compile_unet=compile_unet,
+                steps=steps,
+            )
         case "diffusers_lora":
             return LoraStep(models, pairs, cache_features=False)
         case "original":
@@ -297,14 +388,19 @@ def register_cpu_attention_flops() -> None:
 
 
 def count_step_flops(step: DPOStep, autocast: Callable[[], Any]) -> dict[str, int]:
-    """FLOPs of one full step (it really runs and updates the weights), split into encoding and UNet."""
+    """FLOPs of one full step (it really runs and updates the weights), split into encoding and UNet.
+
+    A compiled module runs eagerly here: the counter sees operators, which compiled code does not dispatch.
+    """
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     register_cpu_attention_flops()
-    with autocast(), FlopCounterMode(display=False) as encode_counter:
-        features = step.encode()
-    with autocast(), FlopCounterMode(display=False) as unet_counter:
-        step.denoise_and_update(*features)
+    with torch.compiler.set_stance("force_eager"):
+        with autocast(), FlopCounterMode(display=False) as encode_counter:
+            features = step.encode()
+        with autocast(), FlopCounterMode(display=False) as unet_counter:
+            step.denoise_and_update(*features)
     encode, unet = encode_counter.get_total_flops(), unet_counter.get_total_flops()
     return {"encode": encode, "unet": unet, "total": encode + unet}
 
@@ -343,6 +439,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """Build the preset, set up ``args.variant``, warm up, time ``args.steps`` steps."""
     import contextlib
 
+    import accelerate  # noqa: F401
+    import diffusers.optimization  # noqa: F401
     import torch
 
     # diffusers and transformers import their model modules lazily, on first use: ~200 MB that would
@@ -353,7 +451,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
     import prefalign.losses.diffusion
     import prefalign.models.diffusion
-    import prefalign.training.denoise  # noqa: F401
+    import prefalign.training.denoise
+    import prefalign.training.policy  # noqa: F401  # ours' trainer, which imports accelerate
     from prefalign.models.presets import build_preset
 
     baseline_rss_mb = rss_mb_self()  # interpreter and every library, no model yet
@@ -380,8 +479,9 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         vae=models.vae.to(device), text_encoder=models.text_encoder.to(device), unet=models.unet.to(device)
     )
     pairs = make_pair_batch(models, args.batch, seed=args.seed, device=device)
+    total_steps = args.warmup + args.steps + (0 if args.no_flops else 1)
     with autocast():
-        step = build_step(args.variant, models, pairs)
+        step = build_step(args.variant, models, pairs, dtype=args.dtype, compile_unet=args.compile, steps=total_steps)
     del models  # the step holds what its structure keeps; `ours` lets the VAE and text encoder go
     trainable = sum(p.numel() for p in step.trainable)
     log.info(
@@ -392,23 +492,14 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         trainable,
     )
 
-    flops = None
+    warmup_seconds = []
     for warm in range(args.warmup):
         tick = time.perf_counter()
-        if warm == 0 and not args.no_flops:
-            flops = count_step_flops(step, autocast)
-        else:
-            with autocast():
-                step()
+        with autocast():
+            step()
         synchronize()
-        log.info(
-            "%s warm-up %d/%d: %.2f s%s",
-            tag,
-            warm + 1,
-            args.warmup,
-            time.perf_counter() - tick,
-            " (counting FLOPs)" if warm == 0 and flops else "",
-        )
+        warmup_seconds.append(time.perf_counter() - tick)
+        log.info("%s warm-up %d/%d: %.2f s", tag, warm + 1, args.warmup, warmup_seconds[-1])
 
     step_seconds = []
     for index in range(args.steps):
@@ -420,9 +511,22 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         log.info("%s step %d/%d: %.2f s (loss %.4f)", tag, index + 1, args.steps, step_seconds[-1], float(loss))
     total = sum(step_seconds)
 
+    flops = None
+    if not args.no_flops:
+        flops = count_step_flops(step, autocast)
+        synchronize()
+    compiled = isinstance(step, PipelineStep) and step.run.compiled
+    step.close()
+    first_step = (warmup_seconds or step_seconds)[0]
+    steady = statistics.median(step_seconds)
+
     result: dict[str, Any] = {
         "sec_per_pair": total / (args.steps * args.batch),
         "step_seconds": [round(s, 4) for s in step_seconds],
+        "first_step_seconds": round(first_step, 4),
+        "steady_step_seconds": round(steady, 4),
+        "compiled": compiled,
+        "compile_seconds": round(first_step - steady, 4) if compiled else None,
         "trainable_params": trainable,
         "device": device_description(device, args.threads),
         "baseline_rss_mb": round(baseline_rss_mb, 1),
@@ -475,6 +579,7 @@ def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             str(args.seed),
             "--device",
             args.device,
+            "--compile" if args.compile else "--no-compile",
         ] + (["--no-flops"] if args.no_flops else [])
         # Same thread count for every library in every child, whatever the parent's environment says.
         threads = str(args.threads)
@@ -523,6 +628,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result["sec_per_pair"] = statistics.median(run["sec_per_pair"] for run in runs)
     result["sec_per_pair_rounds"] = [run["sec_per_pair"] for run in runs]
     result["step_seconds"] = [run["step_seconds"] for run in runs]
+    result["first_step_seconds_rounds"] = [run["first_step_seconds"] for run in runs]
     result["load_avg_1m"] = [run["load_avg_1m"] for run in runs]
     result["wall_seconds"] = round(sum(run["wall_seconds"] for run in runs), 1)
     for key in ("peak_mem_mb", "peak_rss_mb", "peak_rss_above_baseline_mb", "self_peak_rss_mb", "cuda_peak_mem_mb"):
@@ -577,7 +683,10 @@ def flops_only(args: argparse.Namespace) -> dict[str, Any]:
     for variant in args.variants:
         models = build_preset(args.preset, seed=args.seed, device=device)
         pairs = make_pair_batch(models, args.batch, seed=args.seed, device=device)
-        step = build_step(variant, models, pairs)
+        # The trainer needs real tensors; ours's structural twin counts the same operators.
+        step = (
+            LoraStep(models, pairs, cache_features=True) if variant == "ours" else build_step(variant, models, pairs)
+        )
         flops = count_step_flops(step, lambda: torch.autocast("cpu", enabled=False))
         counts[variant] = {
             "gflop_per_pair" if part == "total" else f"gflop_per_pair_{part}": round(value / args.batch / 1e9, 3)
@@ -593,7 +702,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=PRESETS, default="sd-mini", help="Model architecture (random weights).")
     parser.add_argument("--steps", type=int, default=5, help="Timed training steps per variant.")
     parser.add_argument("--batch", type=int, default=4, help="Preference pairs per step.")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (the first one counts FLOPs).")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="Untimed steps first (the first one is reported: compile time)."
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours: the trainer's trainer.compile switch (torch.compile of the UNet, CUDA only).",
+    )
     parser.add_argument(
         "--dtype",
         choices=("fp32", "bf16"),
@@ -683,6 +800,7 @@ def main(argv: list[str] | None = None) -> None:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "dtype": args.dtype,
+            "compile": args.compile,
             "threads": args.threads,
             "lora": {
                 "rank": LORA_RANK,

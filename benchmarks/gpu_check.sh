@@ -43,7 +43,7 @@ step() {  # name, limit in seconds, command...
 step ours_b32_compiled 330 python3 benchmarks/bench_align.py --preset sd15-random --dtype bf16 --batch 32 \
   --steps 8 --warmup 3 --variants ours --compile --json /tmp/gpu_check/ours_b32_compiled.json
 step structures_b8 150 python3 benchmarks/bench_align.py --preset sd15-random --dtype bf16 --batch 8 \
-  --steps 6 --warmup 2 --json /tmp/gpu_check/structures_b8.json
+  --steps 6 --warmup 2 --no-compile --json /tmp/gpu_check/structures_b8.json
 step throughput 120 python3 benchmarks/bench_throughput.py --preset sd15-random --dtype bf16 --images 96 \
   --featurize-batch 32 --workers 8 --eval-images 32 --eval-batch 16 --json /tmp/gpu_check/throughput.json
 

@@ -98,3 +98,35 @@ def test_variants_run_in_their_own_processes(tmp_path):
     for variant in ("ours", "original"):
         assert report[variant]["peak_mem_mb"] > report[variant]["baseline_rss_mb"] > 0
     assert report["ratios"]["ours_over_original_mem"] > 0
+
+
+def test_compile_time_is_reported_apart_from_the_step_time(demo_report):
+    for variant in VARIANTS:
+        result = demo_report[variant]
+        assert result["first_step_seconds"] > 0 and result["steady_step_seconds"] > 0, variant
+        # the trainer never compiles on a CPU; a compiled step would report first minus steady here
+        assert result["compiled"] is (variant == "ours" and torch.cuda.is_available())
+        assert (result["compile_seconds"] is None) is not result["compiled"]
+    assert demo_report["compile"] is True
+
+
+def test_ours_runs_the_trainers_own_step(tmp_path, monkeypatch):
+    """`ours` times prefalign.training.policy.DPOStep itself: every warm-up, timed and FLOP-counting step."""
+    from prefalign.training import policy
+
+    called = []
+    trainer_step = policy.DPOStep.__call__
+
+    def counted(self, step):
+        called.append(step)
+        return trainer_step(self, step)
+
+    monkeypatch.setattr(policy.DPOStep, "__call__", counted)
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        load_bench().main([*DEMO_ARGS, "--warmup", "1", "--variants", "ours", "--in-process", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert called == [0, 1, 2]  # warm-up, timed, FLOP count: consecutive trainer steps
+    assert json.loads(out.read_text())["ours"]["gflop_per_pair_unet"] > 0

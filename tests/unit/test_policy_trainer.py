@@ -231,3 +231,214 @@ def test_kto_trains_on_binary_feedback_and_resumes_exactly(tiny_cfg, tmp_path):
 def test_kto_refuses_feedback_of_one_kind(tiny_cfg):
     with pytest.raises(ValueError, match="desirable and undesirable"):
         run_kto(tiny_cfg(), desirable=[True] * 10)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step's efficiency: no host reads between log steps, prefetched inputs, GPU-only switches, compile.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_prompt_dropout_drops_the_samples_of_the_per_sample_draw():
+    from prefalign.seeding import keyed_generator
+    from prefalign.training.policy import drop_prompts
+
+    ids = np.arange(40, 240)
+    uniforms = [torch.rand(1, generator=keyed_generator(5, "prompt-dropout", int(i))).item() for i in ids]
+    # A rate a hair above one sample's draw: float32 would round it down onto the draw and keep the prompt.
+    hair_above = uniforms[7] + 2.0**-40
+    assert np.float32(hair_above) == np.float32(uniforms[7])
+    for rate in (0.3, 0.999, hair_above):
+        rows = drop_prompts(torch.arange(len(ids)), ids, rate, -1, seed=5)
+        expected = [-1 if u < rate else k for k, u in enumerate(uniforms)]
+        assert rows.tolist() == expected, rate
+    assert (drop_prompts(torch.arange(len(ids)), ids, hair_above, -1, seed=5)[7] == -1).item()
+
+
+def test_history_and_logs_do_not_depend_on_when_metrics_are_read(tiny_cfg):
+    """Metrics read back every step or every 4th (and at checkpoints): the same history, logged at the same steps."""
+    cfg = tiny_cfg(**{"trainer.checkpoint_every": 0, "dpo.steps": 5, "dpo.grad_accum": 2, "dpo.batch_size": 2})
+    feats, shas, prompts = policy_job.synthetic_features(10, 5, cfg.model.text_hidden, cfg.seed)
+    winners, losers = [shas[i % 10] for i in range(12)], [shas[(3 * i + 1) % 10] for i in range(12)]
+    runs = {}
+    for every in (1, 4):
+        logged = []
+        history = train_dpo(
+            policy_job.tiny_unet(cfg),
+            winners,
+            losers,
+            [prompts[i % 5] for i in range(12)],
+            feats,
+            cfg.dpo,
+            seed=cfg.seed,
+            log_every=every,
+            log_metrics=lambda metrics, step, logged=logged: logged.append((step, metrics)),
+        )
+        runs[every] = (history, logged)
+    (every_step, logged_1), (every_4th, logged_4) = runs[1], runs[4]
+    assert every_step.steps == every_4th.steps == 5
+    assert every_4th.metrics == every_step.metrics
+    assert list(every_4th.metrics) == [
+        "implicit_acc",
+        "loss",
+        "model_err",
+        "ref_err",
+        "reward_margin",
+        "grad_norm",
+        "lr",
+    ]
+    assert [step for step, _ in logged_1] == list(range(5)) and [step for step, _ in logged_4] == [0, 4]
+    for step, metrics in logged_4:
+        assert metrics == {f"train/{k}": v[step] for k, v in every_step.metrics.items()}
+
+
+class ValueReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values per trainer step on this thread, outside the optimizer's own step (the
+    for-loop AdamW reads its host-side step counters; fused AdamW, used on CUDA, does not)."""
+
+    def __init__(self, policy_module):
+        super().__init__()
+        self.reads = {
+            getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
+        }
+        self.per_step: dict[int, int] = {}
+        self.step, self.in_optimizer = -1, False
+        self._policy, self._progress = policy_module, policy_module._progress
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.reads and self.step >= 0 and not self.in_optimizer:
+            self.per_step[self.step] = self.per_step.get(self.step, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        def tracked(run, total, desc):
+            for step in self._progress(run, total, desc):
+                self.step = step
+                self.per_step.setdefault(step, 0)
+                yield step
+            self.step = -1
+
+        def entering(*_):
+            self.in_optimizer = True
+
+        def leaving(*_):
+            self.in_optimizer = False
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._policy._progress = tracked
+        self._hooks = [
+            register_optimizer_step_pre_hook(entering),
+            register_optimizer_step_post_hook(leaving),
+        ]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._policy._progress = self._progress
+        for hook in self._hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_steps_between_log_steps_read_no_tensor_value(tiny_cfg, method):
+    """The host waits for the device only where the metrics are read back: at log steps (and checkpoints)."""
+    from prefalign.training import policy
+
+    cfg = tiny_cfg(**{"trainer.checkpoint_every": 0, f"{method}.steps": 5, f"{method}.grad_accum": 2})
+    feats, shas, prompts = policy_job.synthetic_features(10, 5, cfg.model.text_hidden, cfg.seed)
+    with ValueReads(policy) as reads:
+        if method == "dpo":
+            winners, losers = [shas[i % 10] for i in range(12)], [shas[(3 * i + 1) % 10] for i in range(12)]
+            train_dpo(
+                policy_job.tiny_unet(cfg), winners, losers, prompts * 3, feats, cfg.dpo, seed=cfg.seed, log_every=3
+            )
+        else:
+            flags = [i % 3 != 0 for i in range(10)]
+            train_kto(policy_job.tiny_unet(cfg), shas, prompts * 2, flags, feats, cfg.kto, seed=cfg.seed, log_every=3)
+    assert sorted(reads.per_step) == list(range(5))
+    # one read-back per log step; the last one (after step 4) happens after the loop
+    assert {step: n for step, n in reads.per_step.items() if n} == {0: 1, 3: 1}
+
+
+def test_prefetcher_prepares_the_next_step_on_a_worker_in_order():
+    import threading
+
+    from prefalign.training.policy import StepPrefetcher
+
+    calls = []
+
+    def prepare(step):
+        calls.append((step, threading.current_thread().name))
+        if step == 3:
+            raise RuntimeError("draw failed at step 3")
+        return step * 10
+
+    with StepPrefetcher(prepare, range(4)) as prefetch:
+        assert [prefetch.get(step) for step in (0, 1, 2)] == [0, 10, 20]
+        with pytest.raises(RuntimeError, match="step 3"):
+            prefetch.get(3)  # prepared on the worker while step 2 ran; its error reaches the caller
+    assert [step for step, _ in calls] == [0, 1, 2, 3]
+    assert all(name.startswith("prefalign-inputs") for _, name in calls)
+
+
+def test_gpu_storage_of_frozen_weights_keeps_lora_float32_and_restores_exactly(tiny_cfg):
+    from prefalign.models.diffusion import add_lora
+    from prefalign.training.harness import restore_frozen_weights, store_frozen_weights
+
+    cfg = tiny_cfg()
+    unet = policy_job.tiny_unet(cfg)
+    add_lora(unet, cfg.trainer.lora)
+    before = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    frozen = store_frozen_weights(unet, dtype=torch.bfloat16, channels_last=True)
+    params = dict(unet.named_parameters())
+    assert {params[n].dtype for n in params if params[n].requires_grad} == {torch.float32}
+    assert {params[n].dtype for n in params if not params[n].requires_grad} == {torch.bfloat16}
+    assert all(params[n].is_contiguous() for n in params if params[n].requires_grad)
+    assert frozen.channels_last and all(
+        params[n].is_contiguous(memory_format=torch.channels_last) for n in frozen.channels_last
+    )
+    # what autocast does on a GPU: bf16 matmuls over bf16 base weights, float32 adapter gradients
+    x, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 8, cfg.model.text_hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x, torch.tensor([10, 900]), encoder_hidden_states=cond).sample
+    out.float().pow(2).mean().backward()
+    assert {p.grad.dtype for p in params.values() if p.grad is not None} == {torch.float32}
+    restore_frozen_weights(unet, frozen)
+    for name, param in unet.named_parameters():
+        assert param.dtype == before[name].dtype and param.is_contiguous(), name
+        torch.testing.assert_close(param, before[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow  # dynamo traces the tiny UNet twice: 7-20 s on a shared CPU
+def test_compiled_unet_compiles_policy_and_reference_once_then_never_again(tiny_cfg):
+    """The reference pass flips the adapters off on the same compiled UNet: two graphs, picked by their guards,
+    no recompilation in later steps (a counting backend needs no C++ compiler)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from prefalign.training.harness import compile_module
+    from prefalign.training.policy import DPOStep, PairData, start_policy_run
+
+    torch._dynamo.reset()
+    cfg = tiny_cfg(**{"trainer.checkpoint_every": 0, "dpo.batch_size": 2})
+    feats, shas, prompts = policy_job.synthetic_features(10, 5, cfg.model.text_hidden, cfg.seed)
+    run = start_policy_run(
+        policy_job.tiny_unet(cfg), cfg.dpo, seed=cfg.seed, purpose="dpo", data_sha="test", checkpoint_dir=None
+    )
+    counter = CompileCounter()
+    compile_module(run.model, backend=counter)
+    run.compiled = True
+    data = PairData(
+        feats, feats.latent_rows(shas[:6]), feats.latent_rows(shas[4:]), feats.text_rows(prompts + prompts[:1])
+    )
+    compiled_after = []
+    with DPOStep(run, data, cfg.dpo, seed=cfg.seed, steps=range(4)) as step:
+        for index in range(4):
+            outcome = step(index)
+            compiled_after.append(counter.frame_count)
+    assert torch.isfinite(outcome.sums.total).all()
+    assert compiled_after == [2, 2, 2, 2]
+    run.finish()  # eager again: another call compiles nothing
+    with torch.no_grad():
+        run.model(torch.randn(1, 4, 8, 8), torch.tensor([3]), encoder_hidden_states=feats.text[:1])
+    assert counter.frame_count == 2
+    torch._dynamo.reset()

@@ -104,18 +104,31 @@ def diffusion_kto_loss(
     return 1.0 - torch.sigmoid(beta * sign * (implicit_reward - kl_ref))
 
 
+def dpo_metric_tensors(
+    err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, *, beta: float
+) -> dict[str, Tensor]:
+    """``dpo_metrics`` as 0-dim tensors on the errors' device, without reading them back.
+
+    Trainers accumulate these on the device and read them once every ``log_every`` steps: converting a
+    GPU value to a Python float waits for every kernel queued before it.
+    """
+    with torch.no_grad():
+        z = beta * dpo_margin(err_w, err_l, ref_err_w, ref_err_l)
+        return {
+            "implicit_acc": (z > 0).float().mean(),
+            "reward_margin": z.mean(),
+            "model_err": torch.cat([err_w, err_l]).mean(),
+            "ref_err": torch.cat([ref_err_w, ref_err_l]).mean(),
+        }
+
+
 def dpo_metrics(
     err_w: Tensor, err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, *, beta: float
 ) -> dict[str, float]:
     """Batch metrics beside the loss: implicit accuracy (share of z > 0), reward margin, model/ref errors."""
-    with torch.no_grad():
-        z = beta * dpo_margin(err_w, err_l, ref_err_w, ref_err_l)
-        return {
-            "implicit_acc": float((z > 0).float().mean()),
-            "reward_margin": float(z.mean()),
-            "model_err": float(torch.cat([err_w, err_l]).mean()),
-            "ref_err": float(torch.cat([ref_err_w, ref_err_l]).mean()),
-        }
+    return {
+        key: float(value) for key, value in dpo_metric_tensors(err_w, err_l, ref_err_w, ref_err_l, beta=beta).items()
+    }
 
 
 POLICY_LOSSES = {"dpo": diffusion_dpo_loss, "dro": diffusion_dro_loss, "kto": diffusion_kto_loss}

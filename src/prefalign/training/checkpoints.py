@@ -49,7 +49,7 @@ SHARED_FILE = "shared.safetensors"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 # Fields that change how a run is carried out but not what it computes: a resume may change them.
-RESUME_NEUTRAL_FIELDS = frozenset({"checkpoint_every", "gradient_checkpointing"})
+RESUME_NEUTRAL_FIELDS = frozenset({"checkpoint_every", "gradient_checkpointing", "compile"})
 
 
 class CheckpointMismatchError(ValueError):
