@@ -8,14 +8,18 @@
 # Writes one JSON: $OUT/gpu_check.json (the device tool's OUT folder), else benchmarks/results/gpu_check.json.
 # Run from the repository root on the GPU machine, with .whl/ carried (make gpu-wheels here first):
 #   bash benchmarks/gpu_check.sh
+# A dry run on a CPU (seconds, checks the script itself): GPU_CHECK_PRESET=sd-mini GPU_CHECK_SMALL=1 bash ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
+preset=${GPU_CHECK_PRESET:-sd15-random}
+if [ -n "${GPU_CHECK_SMALL:-}" ]; then big=4 small=2 steps=3 images=6 eval_images=2 workers=0; dtype=fp32
+else big=32 small=8 steps=8 images=96 eval_images=32 workers=8; dtype=bf16; fi
 out_dir=${OUT:-benchmarks/results}
 mkdir -p "$out_dir" /tmp/gpu_check
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=true
 # One inductor cache for every step below: the batch-32 compile is paid once.
 export TORCHINDUCTOR_CACHE_DIR=/tmp/gpu_check/inductor
-if [ -d .whl ]; then
+if [ -d .whl ] && [ -z "${GPU_CHECK_SMALL:-}" ]; then  # a dry run uses the local venv
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu_check: installing .whl/ failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD/src
@@ -40,12 +44,13 @@ step() {  # name, limit in seconds, command...
   echo "{\"rc\": $rc, \"seconds\": $((SECONDS - start))}" > "/tmp/gpu_check/$name.status.json"
 }
 
-step ours_b32_compiled 330 python3 benchmarks/bench_align.py --preset sd15-random --dtype bf16 --batch 32 \
-  --steps 8 --warmup 3 --variants ours --compile --json /tmp/gpu_check/ours_b32_compiled.json
-step structures_b8 150 python3 benchmarks/bench_align.py --preset sd15-random --dtype bf16 --batch 8 \
-  --steps 6 --warmup 2 --no-compile --json /tmp/gpu_check/structures_b8.json
-step throughput 120 python3 benchmarks/bench_throughput.py --preset sd15-random --dtype bf16 --images 96 \
-  --featurize-batch 32 --workers 8 --eval-images 32 --eval-batch 16 --json /tmp/gpu_check/throughput.json
+step ours_b32_compiled 330 python3 benchmarks/bench_align.py --preset "$preset" --dtype $dtype --batch $big \
+  --steps $steps --warmup 3 --variants ours --compile --json /tmp/gpu_check/ours_b32_compiled.json
+step structures_b8 150 python3 benchmarks/bench_align.py --preset "$preset" --dtype $dtype --batch $small \
+  --steps $((steps - 2)) --warmup 2 --no-compile --json /tmp/gpu_check/structures_b8.json
+step throughput 120 python3 benchmarks/bench_throughput.py --preset "$preset" --dtype $dtype --images $images \
+  --featurize-batch 32 --workers $workers --eval-images $eval_images --eval-batch 16 \
+  --json /tmp/gpu_check/throughput.json
 
 python3 - "$out_dir/gpu_check.json" <<'PY'
 import json, sys

@@ -35,6 +35,9 @@ SIZES = {
     "featurize.batch_size": 8,
     "featurize.num_workers": 0,  # worker processes cost seconds to start on a CPU; the GPU profile uses 8
     "reward.steps": 2,
+    # 0 as featurize: once in a full-suite run 1 of the profile's 8 expert-scoring workers exited with code 1 and
+    # no trace, after 467 other tests; alone the test passes with 8. Workers stay covered by the reward unit tests.
+    "reward.num_workers": 0,
     "reward.batch_size": 4,
     "reward.eval_every": 1,
     "dpo.steps": 2,
