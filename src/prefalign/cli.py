@@ -81,34 +81,61 @@ def run(
 
 
 @app.command()
-def promote(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Register the trained DPO and DRO policies and move `champion` to the best qualifying one."""
+def promote(
+    params: ParamsOpt = Path("params.yaml"),
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Restore the previous champion instead of promoting.")
+    ] = False,
+) -> None:
+    """Register the trained DPO and DRO policies and move `champion` to the best qualifying one.
+
+    Every input (both policy folders, the base model, reports/eval.json) is checked before the first registry
+    write: a bad one exits 2 with the registry unchanged.
+    """
     from prefalign import registry
-    from prefalign.tracking import read_run_id
 
     cfg = _config(params, None)
-    eval_report = json.loads((cfg.paths.resolve("reports") / "eval.json").read_text())
-    candidates = {
-        method: registry.register_policy(
-            cfg,
-            method=method,
-            policy_dir=cfg.paths.resolve(method),
-            base_dir=cfg.base_model_dir(),
-            run_id=read_run_id(cfg.paths.resolve(method)),
-            metrics={k: v for k, v in eval_report["models"][method].items() if isinstance(v, float)},
-        )
-        for method in ("dpo", "dro")
-    }
-    typer.echo(json.dumps(registry.promote(cfg, candidates, eval_report), indent=2, default=str))
+    try:
+        result = registry.rollback(cfg) if rollback else registry.register_and_promote(cfg)
+    except registry.RegistryError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object instead of text lines.")]
 
 
 @app.command()
-def lineage(ref: str, params: ParamsOpt = Path("params.yaml")) -> None:
+def lineage(ref: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -> None:
     """Print the chain from a registered model (e.g. prefalign-policy@champion) back to its data."""
     from prefalign import registry
 
-    for line in registry.lineage(ref, _config(params, None)):
-        typer.echo(line)
+    cfg = _config(params, None)
+    try:
+        record = registry.lineage_record(ref, cfg)
+    except registry.RegistryError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(record, indent=2) if as_json else "\n".join(registry.lineage_lines(record)))
+
+
+registry_app = typer.Typer(no_args_is_help=True, help="The model registry: the champion's history.")
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("history")
+def registry_history(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -> None:
+    """Print every move of the champion alias (promotions, rollbacks), oldest first, as recorded on versions."""
+    from prefalign import registry
+
+    cfg = _config(params, None)
+    try:
+        record = registry.history(cfg)
+    except registry.RegistryError as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(record, indent=2) if as_json else "\n".join(registry.history_lines(record)))
 
 
 @data_app.command("validate")

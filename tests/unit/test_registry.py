@@ -162,10 +162,23 @@ def test_promotion_rules(root, base_dir, client, tmp_path):
     fourth = registry.promote(cfg, {"dro": again}, _report(dro=(0.80, 0.60)))
     assert not fourth["promoted"] and "already champion" in fourth["reason"]
 
-    # Roll back to the recorded previous champion.
+    # Roll back to the recorded previous champion; then there is none before it.
     back = registry.rollback(cfg)
     assert back["champion"]["version"] == dpo.version
     assert str(client.get_model_version_by_alias("p-promote", "champion").version) == dpo.version
+    with pytest.raises(registry.RegistryError, match="first champion"):
+        registry.rollback(cfg)
+
+    # Every move is read back from the versions' tags, in order.
+    history = registry.history(cfg)
+    assert history["champion"] == dpo.version and history["consistent"]
+    assert [(m["action"], m["version"], m["previous"]) for m in history["moves"]] == [
+        ("promote", dpo.version, None),
+        ("promote", dro2.version, dpo.version),
+        ("rollback", dpo.version, dro2.version),
+    ]
+    assert second["move"] == history["moves"][1] and history["moves"][1]["previous_score"] == 0.6
+    assert len(registry.history_lines(history)) == 4
 
 
 def test_nothing_qualifies_nothing_moves(root, base_dir, client, tmp_path):
@@ -233,8 +246,24 @@ def test_reward_roundtrip_and_lineage(root, base_dir, client, tmp_path):
     assert f"validation.json (run {read_run_id(out['validation'])})" in text
     assert client.get_run(parent).info.status == "FINISHED"
     assert lines == registry.lineage(f"p-lineage/{dro.version}", cfg)
-    with pytest.raises(ValueError):
-        registry.lineage("p-lineage", cfg)
+    record = registry.lineage_record(f"p-lineage/{dro.version}", cfg)
+    assert json.loads(json.dumps(record)) == record and registry.lineage_lines(record) == lines
+    assert [(r["role"], r["stage"]) for r in record["runs"]][:2] == [
+        ("training", "train_dro"),
+        ("upstream", "featurize"),
+    ]
+    assert {r["run_id"] for r in record["runs"]} == {read_run_id(out[f]) for f in ("dro", *dict(upstream).values())}
+    assert record["reward_model"] == {
+        "name": "prefalign-reward",
+        "version": reward.version,
+        "run_id": read_run_id(out["reward"]),
+        "registered": True,
+        "via": "upstream_run",
+    }
+    assert record["validation_report"]["run_id"] == read_run_id(out["validation"])
+    for bad in ("p-lineage", "p-lineage@nope", "p-lineage/99", "nobody/1"):
+        with pytest.raises(registry.RegistryError, match="model reference"):
+            registry.lineage(bad, cfg)
 
 
 # --------------------------------------------------------------------------- pyfunc in a fresh process
