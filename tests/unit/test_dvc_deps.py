@@ -69,3 +69,18 @@ def test_closure_follows_lazy_and_relative_imports(tmp_path):
         "prefalign/sub/b.py",
         "prefalign/c.py",
     }
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_dvc_param_is_a_key_of_params_yaml(stage):
+    """`dvc repro` fails on a param that params.yaml does not spell out (a schema default is not enough)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    missing = []
+    for key in STAGES[stage].get("params", []):
+        node = params
+        for part in str(key).split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    assert not missing, f"dvc.yaml stage {stage!r} params not in params.yaml: {missing}"
