@@ -420,6 +420,8 @@ def encode_latent_shards(
         num_workers=cfg.num_workers,
         collate_fn=collate_images,
         pin_memory=device.type == "cuda",
+        # Spawned, not forked: a fork copies a process that may hold CUDA state and other threads' locks.
+        multiprocessing_context="spawn" if cfg.num_workers else None,
     )
     with _ShardStream(out, shards, dtype) as stream:
         for batch, problems in tqdm(loader, desc="featurize latents", mininterval=5, disable=not show_progress):

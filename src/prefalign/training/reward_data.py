@@ -465,6 +465,9 @@ def image_batches(
         collate_fn=_unchanged,
         pin_memory=on_cuda,
         prefetch_factor=4 if num_workers else None,
+        # Spawned, not forked: a fork copies a process that may hold CUDA state and other threads' locks; forked
+        # workers exited with code 1 and no trace twice in full test runs, never alone.
+        multiprocessing_context="spawn" if num_workers else None,
     )
     for request, pixels in loader:
         yield request, pixels.to(device, non_blocking=on_cuda)
